@@ -39,6 +39,8 @@ class CloudEventBase(Struct, frozen=True, kw_only=True, tag_field="type", omit_d
     subject: Id
     time: Annotated[str, Meta(max_length=64)] | None = None
     datacontenttype: Literal["application/json"] | None = None
+    civicorigin: Annotated[str, Meta(max_length=64)] | None = None
+    """Extension attribute set by the gateway: the platform an event came from."""
 
 
 class MessageCreated(CloudEventBase, tag="civic.message.created"):

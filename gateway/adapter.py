@@ -1,0 +1,155 @@
+"""The adapter interface: what a platform adapter implements and what the core
+gives it.
+
+An adapter translates formats and moves bytes; the core owns routing, id
+translation, durability and retries. Inbound, an adapter decodes native events
+into ``Inbound`` records (payloads from ``schemas`` with the platform's own
+ids) and hands them to ``AdapterContext.ingest``, which returns only once they
+are durably stored. Outbound, the delivery worker calls ``deliver`` with a
+batch of ``Delivery`` records for one target group, in order, whose ids are
+already the target's own wherever the gateway knows them; ``deliver`` returns
+the native ids it created (or raises a ``DeliveryError``).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import msgspec
+from msgspec import Struct
+
+from gateway.ids import EventId, GroupId, NativeId, PlatformName
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from gateway.metrics import Metrics
+
+
+class Capabilities(Struct, frozen=True, kw_only=True):
+    """What a platform can express. The core degrades what a target lacks
+    (documented per field) and counts each degradation; it never drops
+    meaning silently."""
+
+    html: bool = True
+    """Carries rich text. Without it only ``text`` is sent."""
+    content_warning: Literal["native", "first_line"] = "native"
+    """native: ``warning`` is kept as a field; first_line: the warning is put
+    before the text as "CW: ..." and a blank line (it is never dropped)."""
+    reactions: bool = True
+    """Without reactions they are dropped (never turned into counts or replies)."""
+    edits: bool = True
+    """Without edits an edit becomes a new message marked as a correction."""
+    threads: bool = True
+    """Without threads ``thread`` is dropped and ``reply_to`` kept."""
+    batch_max: int = 1
+    """Most events one ``deliver`` call takes."""
+
+
+class Inbound(Struct, frozen=True):
+    """One native event, decoded, with the platform's own ids."""
+
+    platform: PlatformName
+    group: GroupId
+    event_id: EventId
+    """The platform's id of the event itself: the idempotency key."""
+    type: str
+    """A schema event type name, e.g. "civic.message.created"."""
+    payload: Any
+    """An instance of ``schemas.v1.EVENT_TYPES[type]``."""
+    time: float
+    """Unix seconds when the event happened (or was received)."""
+
+
+class Delivery(Struct, frozen=True):
+    """One event for one target group, ids already translated for that target."""
+
+    event_id: EventId
+    """Stable across retries and restarts: a target can drop what it has seen."""
+    group: GroupId
+    type: str
+    payload: Any
+    time: float
+    origin: PlatformName
+    """The platform the event came from (for "via ..." labels)."""
+
+
+class DeliveryResult(Struct, frozen=True):
+    """Native ids a target created: id the gateway sent -> the target's own id."""
+
+    ids: dict[str, NativeId] = msgspec.field(default_factory=dict)
+
+
+class IngestResult(Struct, frozen=True):
+    accepted: int
+    duplicates: int
+
+
+Ingest = Callable[[Sequence[Inbound]], Awaitable[IngestResult]]
+
+
+class Overloaded(Exception):
+    """Raised by ``ingest`` when the gateway sheds load; answer 429/503 with Retry-After."""
+
+    def __init__(self, status: int, retry_after: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class AdapterContext(Struct, kw_only=True):
+    """What the core hands an adapter when it creates it."""
+
+    name: PlatformName
+    config: Any
+    """The adapter's own ``Config`` struct, validated."""
+    ingest: Ingest
+    metrics: "Metrics"
+    gateway_source: str
+
+
+class Adapter(abc.ABC):
+    """Base of every platform adapter.
+
+    Subclasses set ``kind``, ``Config`` (a msgspec Struct with
+    ``forbid_unknown_fields=True``) and ``capabilities``, and register under
+    the ``civic_gateway.adapters`` entry-point group by kind.
+    """
+
+    kind: ClassVar[str]
+    Config: ClassVar[type[Struct]]
+
+    def __init__(self, ctx: AdapterContext) -> None:
+        self.ctx = ctx
+        self.name = ctx.name
+
+    @property
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What this platform instance can express (may depend on its config)."""
+
+    def routes(self) -> list["web.RouteDef"]:
+        """Extra HTTP routes this adapter serves on the gateway's server."""
+        return []
+
+    async def handle_events(self, request: "web.Request") -> "web.StreamResponse":
+        """Serve ``POST /v1/platforms/{name}/events`` for this platform. Adapters
+        that take events another way keep this default (404)."""
+        from aiohttp import web
+
+        return web.json_response({"error": f"platform {self.name!r} does not take events over HTTP"}, status=404)
+
+    async def start(self) -> None:
+        """Called once before the gateway takes traffic (open clients, connect)."""
+
+    async def stop(self) -> None:
+        """Called once at shutdown, after delivery has stopped."""
+
+    @abc.abstractmethod
+    async def deliver(self, batch: Sequence[Delivery]) -> DeliveryResult:
+        """Send ``batch`` (one target group, in order, at most
+        ``capabilities.batch_max`` events) and return the native ids created.
+        Raise ``TransientDeliveryError`` to retry later or
+        ``PermanentDeliveryError`` when retrying cannot help."""

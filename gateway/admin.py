@@ -1,0 +1,81 @@
+"""The operator's admin API under ``/admin/v1``, guarded by ``admin_token``.
+
+GET  /admin/v1/links                    the configured links
+GET  /admin/v1/status                   queues, undelivered and dead-letter counts
+GET  /admin/v1/dead-letters?after=&limit=   dead letters, oldest first, with the error
+POST /admin/v1/dead-letters/replay      body {"seqs": [..]} or {} for all: back to their queues
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+
+from gateway.delivery import _decoders
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+
+def to_builtins(obj: Any) -> Any:
+    return msgspec.to_builtins(obj)
+
+
+class ReplayRequest(msgspec.Struct, forbid_unknown_fields=True):
+    seqs: list[int] | None = None
+
+
+def add_routes(app: web.Application, gw: "Gateway") -> None:
+    def guarded(handler: Any) -> Any:
+        async def wrapper(request: web.Request) -> web.StreamResponse:
+            if not gw.settings.admin_token:
+                return web.json_response({"error": "the admin API is off: set [gateway] admin_token"}, status=404)
+            if not gw.check_admin(request):
+                return web.json_response({"error": "missing or wrong bearer token"}, status=401,
+                                         headers={"WWW-Authenticate": "Bearer"})
+            return await handler(request)
+        return wrapper
+
+    async def links(request: web.Request) -> web.Response:
+        return web.json_response({"links": [
+            {"name": link.name, "moderation": link.moderation, "reactions": link.reactions,
+             "groups": [{"platform": g.platform, "group": g.group} for g in link.groups]}
+            for link in gw.router.links]})
+
+    async def status(request: web.Request) -> web.Response:
+        counts = await gw.store.outbox_counts()
+        return web.json_response({"ready": gw.ready, "undelivered": counts,
+                                  "dead_letters": await gw.store.dead_letter_count(),
+                                  "queues": gw.delivery.owners()})
+
+    async def dead_letters(request: web.Request) -> web.Response:
+        try:
+            after = int(request.query.get("after", "0"))
+            limit = min(1000, max(1, int(request.query.get("limit", "100"))))
+        except ValueError:
+            return web.json_response({"error": "after and limit are whole numbers"}, status=400)
+        rows = await gw.store.dead_letters(after, limit)
+        return web.json_response({"dead_letters": [{
+            "seq": d.item.seq, "platform": d.item.target.platform, "group": d.item.target.group,
+            "event_id": d.item.event_id, "type": d.item.type, "origin": d.item.origin,
+            "created": d.item.created, "error": d.error, "attempts": d.attempts, "failed_at": d.failed_at,
+            "data": to_builtins(_decoders[d.item.type].decode(d.item.body)),
+        } for d in rows]})
+
+    async def replay(request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            req = msgspec.json.decode(body, type=ReplayRequest) if body.strip() else ReplayRequest()
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return web.json_response({"error": f"bad request body: {exc}"}, status=400)
+        items = await gw.store.replay(req.seqs)
+        gw.delivery.submit(items)
+        gw.metrics.dead_letters.set(await gw.store.dead_letter_count())
+        return web.json_response({"replayed": len(items)})
+
+    app.router.add_get("/admin/v1/links", guarded(links))
+    app.router.add_get("/admin/v1/status", guarded(status))
+    app.router.add_get("/admin/v1/dead-letters", guarded(dead_letters))
+    app.router.add_post("/admin/v1/dead-letters/replay", guarded(replay))

@@ -1,0 +1,201 @@
+"""The gateway as one object: store, pipeline, delivery, adapters, HTTP server.
+
+``Gateway(config)`` is what ``civic-gateway run`` starts and what tests start
+in-process. Lifecycle: ``start()`` opens the store, creates the adapters,
+pages undelivered work back in and starts serving; ``stop()`` stops taking
+traffic, lets delivery wind down and closes everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+
+from aiohttp import web
+
+from gateway import admin, registry
+from gateway.adapter import Adapter, AdapterContext, Inbound, IngestResult, Overloaded
+from gateway.config import Config, validate_adapters
+from gateway.delivery import DeliveryEngine
+from gateway.ids import PlatformName
+from gateway.metrics import Metrics
+from gateway.pipeline import Pipeline
+from gateway.router import Router
+from gateway.store import Store, open_store
+from gateway.tasks import TaskGroup
+
+log = logging.getLogger("civic.gateway")
+
+STORE_BACKLOG_LIMIT = 5000
+"""Transactions waiting for the store above which ingress answers 503."""
+PROCESSED_RETENTION = 14 * 86400.0
+"""How long inbound event ids are remembered (longer than any sender retries)."""
+
+
+class Gateway:
+    def __init__(self, config: Config, *, find_adapter: Callable[[str], type[Adapter]] = registry.find) -> None:
+        validate_adapters(config, find_adapter)
+        self.config = config
+        self.settings = config.gateway
+        self.metrics = Metrics()
+        self.tasks = TaskGroup()
+        self.router = Router(config.links)
+        self.store: Store = open_store(self.settings.database, synchronous=self.settings.synchronous)
+        self.adapters: dict[PlatformName, Adapter] = {}
+        for name, pc in config.platforms.items():
+            cls = find_adapter(pc.kind)
+            self.adapters[name] = cls(AdapterContext(name=name, config=pc.adapter_config, ingest=self.ingest,
+                                                     metrics=self.metrics, gateway_source=self.settings.source))
+        self.pipeline: Pipeline | None = None
+        self.delivery = DeliveryEngine(self.store, self.adapters, self.metrics, self.tasks,
+                                       retry_max_delay=self.settings.retry_max_delay,
+                                       retry_max_age=self.settings.retry_max_age)
+        self.ready = False
+        self._outbox_depth = 0
+        self._runner: web.AppRunner | None = None
+
+    # -- ingress --------------------------------------------------------------------------
+    async def ingest(self, events: Sequence[Inbound]) -> IngestResult:
+        """Store ``events`` durably (deduplicated, routed, queued) and hand the
+        new outbox rows to delivery. Called by adapters; raises ``Overloaded``."""
+        if not self.ready or self.pipeline is None:
+            raise Overloaded(503, 5, "the gateway is starting")
+        if self.store.backlog() > STORE_BACKLOG_LIMIT:
+            raise Overloaded(503, 1, "the store is busy; retry shortly")
+        if self._outbox_depth > self.settings.max_backlog:
+            raise Overloaded(429, 30, "too many undelivered events; retry later")
+        pipeline = self.pipeline
+        prepared = [pipeline.prepare(e) for e in events]
+        try:
+            outcomes = await self.store.transact(lambda tx: [pipeline.apply(tx, e) for e in prepared])
+        except Exception:
+            pipeline.invalidate()
+            raise
+        accepted = duplicates = 0
+        m = self.metrics
+        for ev, out in zip(prepared, outcomes):
+            if out.status == "duplicate":
+                duplicates += 1
+                m.dropped.labels(ev.platform, "duplicate").inc()
+                continue
+            accepted += 1
+            m.events_in.labels(ev.platform, ev.type).inc()
+            if out.status == "dropped":
+                m.dropped.labels(ev.platform, out.reason or "unknown").inc()
+            for reason in out.degraded:
+                m.degraded.labels(reason).inc()
+            if out.items:
+                self._outbox_depth += len(out.items)
+                self.delivery.submit(out.items)
+        return IngestResult(accepted=accepted, duplicates=duplicates)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.store.open()
+        key = await self.store.setting("ghost_key", lambda: os.urandom(32).hex())
+        bans = await self.store.bans()
+        self.pipeline = Pipeline(self.router, {n: a.capabilities for n, a in self.adapters.items()},
+                                 bytes.fromhex(key), bans)
+        self.metrics.dead_letters.set(await self.store.dead_letter_count())
+        await self._refresh_depth()
+        for adapter in self.adapters.values():
+            await adapter.start()
+        await self.delivery.start()
+        self.tasks.spawn(self._housekeeping(), "housekeeping")
+        self.ready = True
+        log.info("gateway started", extra={"platforms": sorted(self.adapters), "links": len(self.router.links)})
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.delivery.stop()
+        await self.tasks.close()
+        for adapter in self.adapters.values():
+            await adapter.stop()
+        await self.store.close()
+
+    async def _refresh_depth(self) -> None:
+        counts = await self.store.outbox_counts()
+        self._outbox_depth = sum(counts.values())
+        for name in self.adapters:
+            self.metrics.queue_depth.labels(name).set(counts.get(name, 0))
+
+    async def _housekeeping(self) -> None:
+        last_prune = 0.0
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                await self._refresh_depth()
+                if time.time() - last_prune > 3600:
+                    last_prune = time.time()
+                    pruned = await self.store.prune_processed(time.time() - PROCESSED_RETENTION)
+                    if pruned:
+                        log.info("forgot %d old inbound event ids", pruned)
+            except Exception:
+                log.exception("housekeeping failed")
+
+    # -- HTTP ----------------------------------------------------------------------------------
+    def web_app(self) -> web.Application:
+        max_body = max((getattr(pc.adapter_config, "max_body", 0) for pc in self.config.platforms.values()),
+                       default=0)
+        app = web.Application(client_max_size=max(max_body, 1024 * 1024) + 1024)
+        app.router.add_post("/v1/platforms/{name}/events", self._platform_events)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/v1/moderation-log", self._moderation_log)
+        admin.add_routes(app, self)
+        for adapter in self.adapters.values():
+            app.router.add_routes(adapter.routes())
+        return app
+
+    async def _platform_events(self, request: web.Request) -> web.StreamResponse:
+        adapter = self.adapters.get(PlatformName(request.match_info["name"]))
+        if adapter is None:
+            return web.json_response({"error": f"unknown platform {request.match_info['name']!r}"}, status=404)
+        return await adapter.handle_events(request)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        body = {"ready": self.ready, "node": "embedded", "queues": self.delivery.owners(),
+                "undelivered": self._outbox_depth}
+        return web.json_response(body, status=200 if self.ready else 503)
+
+    async def _moderation_log(self, request: web.Request) -> web.Response:
+        """The public transparency log: every moderation action the gateway carried."""
+        try:
+            after = int(request.query.get("after", "0"))
+            limit = min(1000, max(1, int(request.query.get("limit", "100"))))
+        except ValueError:
+            return web.json_response({"error": "after and limit are whole numbers"}, status=400)
+        entries = await self.store.moderation_log(after, limit, request.query.get("link"))
+        return web.json_response({"entries": [admin.to_builtins(e) for e in entries]})
+
+    async def serve(self, host: str, port: int) -> web.AppRunner:
+        """Start the HTTP server (after ``start``); returns the runner to clean up."""
+        runner = web.AppRunner(self.web_app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, backlog=1024)
+        await site.start()
+        self._runner = runner
+        return runner
+
+    def check_admin(self, request: web.Request) -> bool:
+        token = self.settings.admin_token
+        if not token:
+            return False
+        given = request.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)

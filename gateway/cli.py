@@ -1,0 +1,125 @@
+"""``civic-gateway``: run, check a config, export the schema, or start the demo.
+
+  civic-gateway run --config FILE        run the gateway
+  civic-gateway check-config FILE        validate a config file and exit
+  civic-gateway schema export DIR        write the JSON Schema of every type
+  civic-gateway demo [--port N]          the gateway plus two linked demo sites
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from gateway import logs
+from gateway.errors import ConfigError
+
+log = logging.getLogger("civic.cli")
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _run(config_path: str) -> None:
+    from gateway.app import Gateway, split_listen
+    from gateway.config import load
+
+    config = load(config_path)
+    logs.setup(config.gateway.log_format, config.gateway.log_level)
+    gw = Gateway(config)
+    await gw.start()
+    host, port = split_listen(config.gateway.listen)
+    runner = await gw.serve(host, port)
+    log.info("listening", extra={"listen": f"http://{host}:{port}"})
+    try:
+        await _wait_for_signal()
+    finally:
+        log.info("stopping")
+        await runner.cleanup()
+        await gw.stop()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _install_uvloop()
+    asyncio.run(_run(args.config))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway import registry
+    from gateway.config import load, validate_adapters
+
+    config = load(args.file)
+    validate_adapters(config, registry.find)
+    print(f"{args.file}: ok ({len(config.platforms)} platforms, {len(config.links)} links)")
+    return 0
+
+
+def cmd_schema_export(args: argparse.Namespace) -> int:
+    from gateway.schema_export import export
+
+    for path in export(args.dir):
+        print(path)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo.run import run_demo
+
+    _install_uvloop()
+    asyncio.run(run_demo(port=args.port, data_dir=args.data_dir, open_browser=not args.no_browser))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="civic-gateway", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the gateway")
+    run.add_argument("--config", required=True, help="the TOML config file")
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_config)
+    schema = sub.add_parser("schema", help="the common schema")
+    schema_sub = schema.add_subparsers(dest="schema_command", required=True)
+    export = schema_sub.add_parser("export", help="write the JSON Schema of every type into DIR")
+    export.add_argument("dir")
+    export.set_defaults(func=cmd_schema_export)
+    demo = sub.add_parser("demo", help="start the gateway with two linked demo community sites")
+    demo.add_argument("--port", type=int, default=8080, help="gateway port; the sites use the next two")
+    demo.add_argument("--data-dir", default=None, help="where the demo keeps its SQLite file (default: a temp dir)")
+    demo.add_argument("--no-browser", action="store_true", help="only print the addresses")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"civic-gateway: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Configuration: one TOML file, validated into typed structs.
+
+``[gateway]`` holds the process settings, ``[platforms.NAME]`` one platform
+instance each (``kind`` picks the adapter, the rest is that adapter's
+settings), ``[[links]]`` the groups that behave as one. Unknown keys are
+errors (a typo must not silently fall back to a default), and every error
+names the key and, when it can be found, its line.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from gateway.errors import ConfigError
+from gateway.ids import GroupId, GroupRef, LinkName, PlatformName
+
+Name = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+
+
+class GatewaySettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    listen: str = "127.0.0.1:8080"
+    """host:port of the HTTP server (site ingress, metrics, admin API)."""
+    database: str = "civic-gateway.db"
+    """A SQLite file path (the embedded default), or later a postgresql:// URL."""
+    admin_token: str | None = None
+    """Bearer token for /admin/v1; the admin API is off when unset."""
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    source: str = "urn:civic-gateway"
+    """The CloudEvents ``source`` of what the gateway sends."""
+    max_backlog: Annotated[int, Meta(ge=1)] = 1_000_000
+    """Undelivered events above which ingress answers 429."""
+    retry_max_delay: Annotated[float, Meta(gt=0)] = 300.0
+    """Longest wait between two delivery attempts, in seconds."""
+    retry_max_age: Annotated[float, Meta(gt=0)] = 3 * 86400.0
+    """An event still failing after this many seconds goes to the dead letters."""
+    synchronous: Literal["normal", "full"] = "normal"
+    """SQLite durability: normal survives a process crash, full also a power cut."""
+
+
+class GroupConfig(Struct, forbid_unknown_fields=True):
+    platform: str
+    group: Annotated[str, Meta(min_length=1, max_length=512)]
+
+
+class LinkConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Name
+    groups: Annotated[list[GroupConfig], Meta(min_length=2)]
+    moderation: Literal["mirror", "advise"] = "mirror"
+    """mirror: bans and removals travel and the gateway stops a banned person's
+    messages crossing the link; advise: they travel as information only."""
+    reactions: bool = True
+    """Carry reactions across this link."""
+
+    def refs(self) -> list[GroupRef]:
+        return [GroupRef(PlatformName(g.platform), GroupId(g.group)) for g in self.groups]
+
+    @property
+    def link_name(self) -> LinkName:
+        return LinkName(self.name)
+
+
+class PlatformConfig(Struct):
+    """One ``[platforms.NAME]`` table before its adapter validated it."""
+
+    name: PlatformName
+    kind: str
+    settings: dict[str, Any]
+    adapter_config: Any = None  # filled by validate_adapters()
+
+
+class Config(Struct):
+    gateway: GatewaySettings
+    platforms: dict[PlatformName, PlatformConfig]
+    links: list[LinkConfig]
+    path: str = "<memory>"
+    text: str = ""
+
+
+def _line_of(text: str, path: list[str | int]) -> int | None:
+    """Best effort: the line of a key in TOML text, for error messages."""
+    lines = text.splitlines()
+    start = 0
+    if path and path[0] == "platforms" and len(path) >= 2:
+        header = re.compile(rf"^\s*\[\s*platforms\.\"?{re.escape(str(path[1]))}\"?\s*\]")
+        for i, line in enumerate(lines):
+            if header.match(line):
+                start = i
+                break
+        keys = [p for p in path[2:] if isinstance(p, str)]
+    elif path and path[0] == "links":
+        idx = path[1] if len(path) > 1 and isinstance(path[1], int) else 0
+        seen = -1
+        for i, line in enumerate(lines):
+            if re.match(r"^\s*\[\[\s*links\s*\]\]", line):
+                seen += 1
+                if seen == idx:
+                    start = i
+                    break
+        keys = [p for p in path[2:] if isinstance(p, str)]
+    elif path and path[0] == "gateway":
+        for i, line in enumerate(lines):
+            if re.match(r"^\s*\[\s*gateway\s*\]", line):
+                start = i
+                break
+        keys = [p for p in path[1:] if isinstance(p, str)]
+    else:
+        keys = [p for p in path if isinstance(p, str)]
+    if not keys:
+        return start + 1 if start or lines else None
+    key = re.compile(rf"^\s*\"?{re.escape(keys[0])}\"?\s*=")
+    for i in range(start, len(lines)):
+        if i > start and re.match(r"^\s*\[", lines[i]):
+            break
+        if key.match(lines[i]) or re.search(rf"\b{re.escape(keys[0])}\s*=", lines[i]):
+            return i + 1
+    return start + 1
+
+
+def _error(cfg_path: str, text: str, path: list[str | int], message: str) -> ConfigError:
+    dotted = ".".join(f"[{p}]" if isinstance(p, int) else p for p in path).replace(".[", "[")
+    line = _line_of(text, path)
+    where = f"{cfg_path}:{line}" if line else cfg_path
+    return ConfigError(f"{where}: {dotted}: {message}")
+
+
+def _convert(value: Any, typ: type, cfg_path: str, text: str, prefix: list[str | int]) -> Any:
+    try:
+        return msgspec.convert(value, typ)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        m = re.search(r" - at `\$(.*)`$", msg)
+        sub: list[str | int] = []
+        if m:
+            for part in re.findall(r"\.([A-Za-z0-9_-]+)|\[(\d+)\]", m.group(1)):
+                sub.append(part[0] if part[0] else int(part[1]))
+            msg = msg[: m.start()]
+        m2 = re.match(r"Object contains unknown field `(.+)`", msg)
+        if m2:
+            sub.append(m2.group(1))
+            msg = "unknown key (a typo?)"
+        m3 = re.match(r"Object missing required field `(.+)`", msg)
+        if m3:
+            sub.append(m3.group(1))
+            msg = "required key is missing"
+        raise _error(cfg_path, text, prefix + sub, msg) from None
+
+
+def parse(text: str, path: str = "<memory>") -> Config:
+    """Parse and validate config text (adapter settings are checked later by
+    ``validate_adapters``, which needs the adapter registry)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    unknown = set(raw) - {"gateway", "platforms", "links"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise _error(path, text, [key], "unknown top-level table (expected gateway, platforms, links)")
+    gateway = _convert(raw.get("gateway", {}), GatewaySettings, path, text, ["gateway"])
+    platforms: dict[PlatformName, PlatformConfig] = {}
+    for name, table in (raw.get("platforms") or {}).items():
+        if not isinstance(table, dict):
+            raise _error(path, text, ["platforms", name], "must be a table")
+        if not re.match(r"^[a-z0-9][a-z0-9_-]{0,63}$", name):
+            raise _error(path, text, ["platforms", name],
+                         "platform names use lower-case letters, digits, - and _ (at most 64)")
+        settings = dict(table)
+        kind = settings.pop("kind", None)
+        if not isinstance(kind, str):
+            raise _error(path, text, ["platforms", name, "kind"], "required key is missing (e.g. kind = \"webhook\")")
+        platforms[PlatformName(name)] = PlatformConfig(PlatformName(name), kind, settings)
+    links = _convert(raw.get("links", []), list[LinkConfig], path, text, ["links"])
+    seen_names: set[str] = set()
+    for i, link in enumerate(links):
+        if link.name in seen_names:
+            raise _error(path, text, ["links", i, "name"], f"link name {link.name!r} is used twice")
+        seen_names.add(link.name)
+        refs = link.refs()
+        for j, ref in enumerate(refs):
+            if ref.platform not in platforms:
+                raise _error(path, text, ["links", i, "groups"],
+                             f"group {j} names platform {ref.platform!r}, which is not configured")
+        if len(set(refs)) != len(refs):
+            raise _error(path, text, ["links", i, "groups"], "a group is listed twice")
+    return Config(gateway=gateway, platforms=platforms, links=links, path=path, text=text)
+
+
+def load(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the config file: {exc.strerror}") from None
+    return parse(text, str(p))
+
+
+def validate_adapters(config: Config, find_adapter: Any) -> None:
+    """Check every platform's settings against its adapter's config struct and
+    store the result in ``adapter_config``. ``find_adapter(kind)`` returns the class."""
+    for name, pc in config.platforms.items():
+        try:
+            cls = find_adapter(pc.kind)
+        except LookupError as exc:
+            raise _error(config.path, config.text, ["platforms", name, "kind"], str(exc)) from None
+        pc.adapter_config = _convert(pc.settings, cls.Config, config.path, config.text, ["platforms", name])

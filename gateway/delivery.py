@@ -1,0 +1,297 @@
+"""Delivery: one ordered queue per target group, drained by one worker each.
+
+A queue holds the outbox rows of one target group in sequence order (at most
+``MAX_IN_MEMORY`` in memory; the rest stays in the store and is paged in). Its
+worker sends the head of the queue as one batch, at most one batch in flight
+per group, so order holds per group while groups proceed in parallel. After a
+success it moves on at once and records the completion in the background (a
+crash in between redelivers a few events with the same ids, which targets
+drop); after a transient failure it waits (exponential backoff with jitter,
+``Retry-After`` honoured) and sends the same batch again; a permanent failure
+isolates the bad event and dead-letters it, and the queue goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+from msgspec.structs import replace
+
+from gateway.adapter import Adapter, Delivery
+from gateway.errors import PermanentDeliveryError, TransientDeliveryError
+from gateway.ids import MESSAGE, GroupRef, NativeId, PlatformName
+from gateway.metrics import Metrics
+from gateway.store.base import Mapping, OutboxItem, Store
+from gateway.tasks import TaskGroup
+from schemas.v1 import EVENT_TYPES
+
+log = logging.getLogger("civic.delivery")
+
+MAX_IN_MEMORY = 2000
+BASE_DELAY = 0.5
+COPY_CACHE_MAX = 200_000
+_decoders = {t: msgspec.msgpack.Decoder(cls) for t, cls in EVENT_TYPES.items()}
+_REF_FIELDS = ("id", "reply_to", "thread", "message")
+
+
+class _Queue:
+    __slots__ = ("target", "items", "overflow", "reloading", "side", "done_seq", "running")
+
+    def __init__(self, target: GroupRef) -> None:
+        self.target = target
+        self.items: deque[OutboxItem] = deque()
+        self.overflow = False  # more rows wait in the store than are held here
+        self.reloading = False
+        self.side: list[OutboxItem] = []
+        self.done_seq = 0  # highest seq taken off this queue
+        self.running = False
+
+
+class _Completions:
+    """Collects finished deliveries and records them in as few store calls as possible."""
+
+    def __init__(self, store: Store, tasks: TaskGroup) -> None:
+        self.store = store
+        self.tasks = tasks
+        self.seqs: list[int] = []
+        self.maps: list[Mapping] = []
+        self.flushing = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def add(self, seqs: Sequence[int], maps: Sequence[Mapping]) -> None:
+        self.seqs.extend(seqs)
+        self.maps.extend(maps)
+        if not self.flushing:
+            self.flushing = True
+            self.idle.clear()
+            self.tasks.spawn(self._flush(), "delivery-completions")
+
+    async def _flush(self) -> None:
+        try:
+            while self.seqs or self.maps:
+                seqs, maps = self.seqs, self.maps
+                self.seqs, self.maps = [], []
+                try:
+                    await self.store.complete(seqs, maps)
+                except Exception:
+                    log.exception("recording %d completed deliveries failed; they may be sent again", len(seqs))
+        finally:
+            self.flushing = False
+            self.idle.set()
+
+
+class DeliveryEngine:
+    """Owns the per-group queues. ``submit`` is called by ingress with the rows
+    it just committed; ``start`` pages in what an earlier run left undelivered."""
+
+    def __init__(self, store: Store, adapters: dict[PlatformName, Adapter], metrics: Metrics, tasks: TaskGroup, *,
+                 retry_max_delay: float = 300.0, retry_max_age: float = 3 * 86400.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.adapters = adapters
+        self.metrics = metrics
+        self.tasks = tasks
+        self.retry_max_delay = retry_max_delay
+        self.retry_max_age = retry_max_age
+        self.clock = clock
+        self._queues: dict[GroupRef, _Queue] = {}
+        self._completions = _Completions(store, tasks)
+        self._copies: dict[tuple[str, str, str], NativeId] = {}
+        self._stopping = False
+        self._wake = asyncio.Event()
+
+    # -- feeding the queues -------------------------------------------------------------
+    async def start(self) -> None:
+        for target in await self.store.outbox_groups():
+            q = self._queue(target)
+            q.overflow = True  # everything is in the store; page it in
+            self._kick(q)
+
+    def submit(self, items: Sequence[OutboxItem]) -> None:
+        for item in items:
+            q = self._queue(item.target)
+            if q.reloading:
+                q.side.append(item)
+            elif q.overflow:
+                pass  # in the store; the next page picks it up
+            elif len(q.items) >= MAX_IN_MEMORY:
+                q.overflow = True
+            else:
+                if q.items and item.seq < q.items[-1].seq:
+                    q.items.append(item)
+                    q.items = deque(sorted(q.items, key=lambda i: i.seq))
+                else:
+                    q.items.append(item)
+            self._kick(q)
+
+    def _queue(self, target: GroupRef) -> _Queue:
+        q = self._queues.get(target)
+        if q is None:
+            q = self._queues[target] = _Queue(target)
+        return q
+
+    def _kick(self, q: _Queue) -> None:
+        if not q.running and not self._stopping:
+            q.running = True
+            self.tasks.spawn(self._work(q), f"deliver {q.target}")
+
+    def pending(self) -> int:
+        """Events held in memory for delivery (the store may hold more)."""
+        return sum(len(q.items) for q in self._queues.values())
+
+    def owners(self) -> dict[str, int]:
+        return {str(t): len(q.items) for t, q in self._queues.items() if q.items or q.overflow}
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        await self._completions.idle.wait()
+
+    # -- the worker ------------------------------------------------------------------
+    async def _reload(self, q: _Queue) -> None:
+        q.reloading = True
+        try:
+            page = await self.store.outbox_page(q.target, q.done_seq, MAX_IN_MEMORY)
+        finally:
+            q.reloading = False
+        side, q.side = q.side, []
+        q.overflow = len(page) >= MAX_IN_MEMORY
+        last = page[-1].seq if page else q.done_seq
+        q.items = deque(page)
+        if not q.overflow:
+            q.items.extend(i for i in side if i.seq > last)
+
+    async def _work(self, q: _Queue) -> None:
+        adapter = self.adapters.get(q.target.platform)
+        try:
+            if adapter is None:
+                log.error("no adapter for platform %s; %s waits in the store", q.target.platform, q.target)
+                return
+            size_limit = max(1, adapter.capabilities.batch_max)
+            isolate = 0  # after a permanent failure of a batch: send one by one
+            attempts = 0
+            while not self._stopping:
+                if not q.items:
+                    if not q.overflow:
+                        break
+                    await self._reload(q)
+                    if not q.items:
+                        break
+                n = 1 if isolate else min(size_limit, len(q.items))
+                batch = [q.items[i] for i in range(n)]
+                try:
+                    deliveries = await self._prepare(batch)
+                    result = await adapter.deliver(deliveries)
+                except TransientDeliveryError as exc:
+                    attempts += 1
+                    self.metrics.retries.labels(q.target.platform).inc()
+                    if self.clock() - batch[0].created > self.retry_max_age:
+                        await self._dead(q, batch[0], f"gave up after {attempts} attempts: {exc}", attempts)
+                        attempts = 0
+                        continue
+                    delay = self._backoff(attempts, exc.retry_after)
+                    log.info("delivery to %s failed (%s); retry %d in %.1fs", q.target, exc, attempts, delay)
+                    await self._sleep(delay)
+                    continue
+                except PermanentDeliveryError as exc:
+                    if n > 1:
+                        isolate = n
+                        continue
+                    await self._dead(q, batch[0], str(exc), attempts + 1)
+                    attempts = 0
+                    isolate = max(0, isolate - 1)
+                    continue
+                except Exception as exc:  # an adapter bug must not stop the queue for good
+                    attempts += 1
+                    log.exception("adapter %s failed delivering to %s", q.target.platform, q.target)
+                    self.metrics.retries.labels(q.target.platform).inc()
+                    await self._sleep(self._backoff(attempts, None))
+                    del exc
+                    continue
+                attempts = 0
+                isolate = max(0, isolate - n) if isolate else 0
+                self._delivered(q, batch, result.ids)
+        finally:
+            q.running = False
+            if (q.items or q.overflow) and not self._stopping and adapter is not None:
+                self._kick(q)  # work arrived while the worker was finishing
+
+    def _backoff(self, attempts: int, retry_after: float | None) -> float:
+        delay = min(self.retry_max_delay, BASE_DELAY * 2 ** (attempts - 1)) * random.uniform(0.5, 1.0)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, 3600.0))
+        return delay
+
+    async def _sleep(self, delay: float) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=delay)
+        except asyncio.TimeoutError:
+            pass
+
+    def _delivered(self, q: _Queue, batch: list[OutboxItem], native_ids: dict[str, NativeId]) -> None:
+        now = self.clock()
+        platform = q.target.platform
+        for _ in batch:
+            q.items.popleft()
+        q.done_seq = batch[-1].seq
+        maps = []
+        for sent, native in native_ids.items():
+            if not isinstance(native, str) or not native or sent == native:
+                continue
+            maps.append(Mapping(platform, q.target.group, MESSAGE, NativeId(native), sent))  # type: ignore[arg-type]
+            if len(self._copies) > COPY_CACHE_MAX:
+                self._copies.clear()
+            self._copies[(platform, q.target.group, sent)] = NativeId(native)
+        self._completions.add([i.seq for i in batch], maps)
+        hist = self.metrics.latency.labels(platform)
+        for item in batch:
+            self.metrics.events_out.labels(platform, item.type).inc()
+            hist.observe(max(0.0, now - item.created))
+
+    async def _dead(self, q: _Queue, item: OutboxItem, error: str, attempts: int) -> None:
+        log.warning("dead-lettering %s for %s: %s", item.event_id, q.target, error)
+        await self.store.dead_letter(item, error, attempts, self.clock())
+        if q.items and q.items[0].seq == item.seq:
+            q.items.popleft()
+        q.done_seq = max(q.done_seq, item.seq)
+        self.metrics.dead_lettered.labels(q.target.platform).inc()
+        self.metrics.dead_letters.inc()
+
+    async def _prepare(self, batch: list[OutboxItem]) -> list[Delivery]:
+        """Decode payloads and swap in target ids that became known after enqueueing."""
+        want: set[str] = set()
+        for item in batch:
+            if item.pending:
+                want.update(item.pending.split())
+        found: dict[str, str] = {}
+        if want:
+            target = batch[0].target
+            missing = []
+            for c in want:
+                hit = self._copies.get((target.platform, target.group, c))
+                if hit is not None:
+                    found[c] = hit
+                else:
+                    missing.append(c)
+            if missing:
+                rows = await self.store.natives(target.platform, target.group, MESSAGE, missing)
+                for c, (native, _how) in rows.items():
+                    found[c] = native
+        out = []
+        for item in batch:
+            payload: Any = _decoders[item.type].decode(item.body)
+            if item.pending and found:
+                changes = {f: found[v] for f in _REF_FIELDS
+                           if isinstance(v := getattr(payload, f, None), str) and v in found}
+                if changes:
+                    payload = replace(payload, **changes)
+            out.append(Delivery(item.event_id, item.target.group, item.type, payload, item.created, item.origin))
+        return out

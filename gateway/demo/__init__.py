@@ -1,0 +1,1 @@
+"""Demo community sites for ``civic-gateway demo``: small, real webhook clients."""

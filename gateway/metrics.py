@@ -1,0 +1,42 @@
+"""Prometheus metrics, on a registry of the gateway's own (no global state).
+
+Names follow Prometheus conventions; every label set is small and bounded
+(platform names come from config, types and reasons from code)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.events_in = Counter("civic_events_in", "Events accepted from a platform and stored.",
+                                 ["platform", "type"], registry=r)
+        self.events_out = Counter("civic_events_out", "Events delivered to a platform.",
+                                  ["platform", "type"], registry=r)
+        self.decode_errors = Counter("civic_decode_errors", "Inbound requests refused as malformed or unauthorised.",
+                                     ["platform", "status"], registry=r)
+        self.dropped = Counter("civic_dropped", "Inbound events not relayed, by reason (duplicate, echo, banned, ...).",
+                               ["platform", "reason"], registry=r)
+        self.degraded = Counter("civic_degraded", "Parts of events fitted to what a target can express.",
+                                ["reason"], registry=r)
+        self.latency = Histogram("civic_delivery_latency_seconds", "From acceptance to confirmed delivery.",
+                                 ["platform"], buckets=LATENCY_BUCKETS, registry=r)
+        self.retries = Counter("civic_delivery_retries", "Delivery attempts that failed and will be retried.",
+                               ["platform"], registry=r)
+        self.dead_lettered = Counter("civic_dead_lettered", "Events moved to the dead letters.",
+                                     ["platform"], registry=r)
+        self.dead_letters = Gauge("civic_dead_letters", "Events in the dead-letter list now.", registry=r)
+        self.queue_depth = Gauge("civic_queue_depth", "Undelivered events per target platform.",
+                                 ["platform"], registry=r)
+        self.overloaded = Counter("civic_overload_refusals", "Inbound requests refused with 429/503.",
+                                  ["platform", "status"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,432 @@
+"""The pipeline: what happens to one inbound event, as one template.
+
+``prepare`` (pure, on the event loop): sanitise rich text and control
+characters. ``apply`` (inside a store transaction, so all of it commits or
+none): deduplicate by the platform's event id, guard against loops, translate
+native ids to canonical ones, apply moderation enforcement, route over links,
+translate for each target (ids, identity level, degradations) and append to
+each target group's outbox, then update memberships, bans and the public
+moderation log. The steps are small methods, cheapest first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import msgspec
+from msgspec import Struct
+from msgspec.structs import replace
+
+from gateway import ids
+from gateway.adapter import Capabilities, Inbound
+from gateway.config import LinkConfig
+from gateway.ids import ACTOR, MESSAGE, CanonicalId, EventId, GroupRef, LinkName, PlatformName
+from gateway.router import Route, Router
+from gateway.sanitize import clean_html, clean_text
+from gateway.store.base import ModerationEntry, OutboxItem, Tx
+from schemas.v1 import (
+    AccountMove,
+    Actor,
+    Membership,
+    Message,
+    MessageDeletion,
+    ModerationAction,
+    ProfileUpdate,
+    Reaction,
+    Report,
+)
+
+_encode = msgspec.msgpack.Encoder().encode
+ACTOR_CACHE_MAX = 100_000
+
+
+class Outcome(Struct):
+    status: Literal["accepted", "duplicate", "dropped"]
+    reason: str | None = None
+    items: list[OutboxItem] = msgspec.field(default_factory=list)
+    degraded: list[str] = msgspec.field(default_factory=list)
+
+
+class _Skip(Exception):
+    """This target cannot take the event (e.g. it never saw the message); the reason is counted."""
+
+
+class Pipeline:
+    """Built once per gateway from the router and each platform's capabilities.
+
+    ``apply`` runs on the store's worker; it keeps two caches of id-map rows
+    that never change once written, and the link bans (mirrored moderation).
+    """
+
+    def __init__(self, router: Router, capabilities: Mapping[PlatformName, Capabilities], ghost_key: bytes,
+                 bans: set[tuple[LinkName, CanonicalId]], clock: Callable[[], float] = time.time) -> None:
+        self.router = router
+        self.capabilities = dict(capabilities)
+        self._ghost_key = ghost_key
+        self.bans = bans
+        self.clock = clock
+        self._actor_in: dict[tuple[str, str], tuple[CanonicalId, int]] = {}
+        self._actor_out: dict[tuple[str, str], tuple[str, int] | None] = {}
+
+    def invalidate(self) -> None:
+        """Forget the caches (after a transaction failed to commit)."""
+        self._actor_in.clear()
+        self._actor_out.clear()
+
+    # -- before the store ------------------------------------------------------------
+    @staticmethod
+    def prepare(ev: Inbound) -> Inbound:
+        """Sanitise what could carry markup or control characters into other platforms."""
+        p = ev.payload
+        if isinstance(p, Message):
+            changes: dict[str, Any] = {}
+            text = clean_text(p.text)
+            if text is not p.text:
+                changes["text"] = text
+            if p.html is not None:
+                changes["html"] = clean_html(p.html)
+            if changes:
+                return replace(ev, payload=replace(p, **changes))
+        return ev
+
+    # -- inside the transaction --------------------------------------------------------
+    def apply(self, tx: Tx, ev: Inbound) -> Outcome:
+        now = self.clock()
+        if not tx.first_seen(ev.platform, ev.event_id, now):
+            return Outcome("duplicate")
+        source = GroupRef(ev.platform, ev.group)
+        routes = self.router.routes(source)
+        if not routes:
+            return Outcome("dropped", "unlinked")
+        p = ev.payload
+        acting = _acting_actor(p)
+        acting_c: CanonicalId | None = None
+        if acting is not None:
+            acting_c, how = self._actor_from(tx, source, acting)
+            if how != ids.ORIGIN:
+                return Outcome("dropped", "echo")
+        handler = getattr(self, "_in_" + ev.type.replace("civic.", "").replace(".", "_"))
+        return handler(tx, ev, source, routes, p, acting_c, now)
+
+    # each _in_* returns the Outcome for one event type ---------------------------
+    def _in_message_created(self, tx: Tx, ev: Inbound, source: GroupRef, routes: list[Route], p: Message,
+                            author: CanonicalId, now: float) -> Outcome:
+        if tx.lookup(source.platform, source.group, MESSAGE, p.id) is not None:
+            return Outcome("dropped", "echo")
+        c = ids.new_message_id()
+        tx.map(source.platform, source.group, MESSAGE, p.id, c, ids.ORIGIN)
+        degraded: list[str] = []
+        reply = self._message_from(tx, source, p.reply_to, degraded, "reply_unknown")
+        thread = self._message_from(tx, source, p.thread, degraded, "thread_unknown")
+        mentions = [(self._actor_from(tx, source, m)[0], m) for m in p.mentions]
+        canon = replace(p, id=c, reply_to=reply, thread=thread)
+
+        def build(tx: Tx, route: Route, pending: list[str]) -> Message:
+            t = route.target
+            tx.map(t.platform, t.group, MESSAGE, c, c, ids.SENT)
+            return _degrade(replace(
+                canon,
+                author=self._actor_to(tx, author, p.author, t),
+                reply_to=self._message_to(tx, reply, t, pending, optional=True, degraded=degraded),
+                thread=self._message_to(tx, thread, t, pending, optional=True, degraded=degraded),
+                mentions=tuple(self._actor_to(tx, mc, m, t) for mc, m in mentions),
+            ), self.capabilities.get(t.platform), degraded)
+
+        return self._fan_out(tx, ev, routes, build, now, author, degraded)
+
+    def _in_message_edited(self, tx: Tx, ev: Inbound, source: GroupRef, routes: list[Route], p: Message,
+                           author: CanonicalId, now: float) -> Outcome:
+        degraded: list[str] = []
+        c = self._message_from(tx, source, p.id, degraded, "edit_unknown")
+        if c is None:
+            return Outcome("dropped", "unknown_message")
+        reply = self._message_from(tx, source, p.reply_to, degraded, "reply_unknown")
+        thread = self._message_from(tx, source, p.thread, degraded, "thread_unknown")
+        mentions = [(self._actor_from(tx, source, m)[0], m) for m in p.mentions]
+
+        def build(tx: Tx, route: Route, pending: list[str]) -> Message:
+            t = route.target
+            return _degrade(replace(
+                p,
+                id=self._message_to(tx, c, t, pending),
+                author=self._actor_to(tx, author, p.author, t),
+                reply_to=self._message_to(tx, reply, t, pending, optional=True, degraded=degraded),
+                thread=self._message_to(tx, thread, t, pending, optional=True, degraded=degraded),
+                mentions=tuple(self._actor_to(tx, mc, m, t) for mc, m in mentions),
+            ), self.capabilities.get(t.platform), degraded)
+
+        return self._fan_out(tx, ev, routes, build, now, author, degraded)
+
+    def _in_message_deleted(self, tx: Tx, ev: Inbound, source: GroupRef, routes: list[Route],
+                            p: MessageDeletion, by: CanonicalId | None, now: float) -> Outcome:
+        hit = tx.lookup(source.platform, source.group, MESSAGE, p.id)
+        if hit is None:
+            return Outcome("dropped", "unknown_message")
+        c, how = hit
+        if how != ids.ORIGIN and by is None:
+            # A copy the gateway made was deleted without a named moderator:
+            # the site is echoing the deletion the gateway asked for.
+            return Outcome("dropped", "echo")
+
+        def build(tx: Tx, route: Route, pending: list[str]) -> MessageDeletion:
+            t = route.target
+            return replace(p, id=self._message_to(tx, c, t, pending),
+                           by=self._actor_to(tx, by, p.by, t) if p.by and by else None)
+
+        return self._fan_out(tx, ev, routes, build, now, None, [])
+
+    def _reaction(self, tx: Tx, ev: Inbound, source: GroupRef, routes: list[Route], p: Reaction,
+                  author: CanonicalId, now: float) -> Outcome:
+        c = self._message_from(tx, source, p.message, [], "")
+        if c is None:
+            return Outcome("dropped", "unknown_message")
+
+        def build(tx: Tx, route: Route, pending: list[str]) -> Reaction:
+            t = route.target
+            if not route.link.reactions:
+                raise _Skip("reactions_off")
+            caps = self.capabilities.get(t.platform)
+            if caps is not None and not caps.reactions:
+                raise _Skip("reaction_unsupported")
+            return replace(p, message=self._message_to(tx, c, t, pending),
+                           author=self._actor_to(tx, author, p.author, t))
+
+        return self._fan_out(tx, ev, routes, build, now, author, [])
+
+    _in_reaction_added = _reaction
+    _in_reaction_removed = _reaction
+
+    def _in_membership_changed(self, tx: Tx, ev: Inbound, source: GroupRef, routes: list[Route],
+                               p: Membership, acting: CanonicalId, now: float) -> Outcome:
+        member = self._actor_from(tx, source, p.member)[0]
+        by = self._actor_from(tx, source, p.by)[0] if p.by else None
+        tx.set_membership(source.platform, source.group, member, p.state, p.role, now)
+        if p.state in ("kicked", "banned", "unbanned"):
+            self._moderate(tx, ev, source, p.state, member, p.member, p.by, p.reason, None, now)
+
+        def build(tx: Tx, route: Route, pending: list[str]) -> Membership:
+            t = route.target
+            return replace(p, member=self._actor_to(tx, member, p.member, t),
+                           by=self._actor_to(tx, by, p.by, t) if p.by and by else None)
+
+        return self._fan_out(tx, ev, routes, build, now, None, [])
+
+    def _in_moderation_action(self, tx: Tx, ev: Inbound, source: GroupRef, routes: list[Route],
+                              p: ModerationAction, by: CanonicalId | None, now: float) -> Outcome:
+        msg = self._message_from(tx, source, p.message, [], "")
+        if p.message is not None and msg is None:
+            return Outcome("dropped", "unknown_message")
+        member = self._actor_from(tx, source, p.member)[0] if p.member else None
+        subject = msg or member or ""
+        self._moderate(tx, ev, source, p.action, subject, p.member, p.by, p.reason, p.category, now)
+
+        def build(tx: Tx, route: Route, pending: list[str]) -> ModerationAction | Report:
+            t = route.target
+            out = replace(p, message=self._message_to(tx, msg, t, pending) if msg else None,
+                          member=self._actor_to(tx, member, p.member, t) if member and p.member else None,
+                          by=self._actor_to(tx, by, p.by, t) if by and p.by else None)
+            if route.link.moderation == "advise":
+                return Report(category=p.category or "other", message=out.message, member=out.member,
+                              text=f"Advice from the moderators of a linked group: {p.action}"
+                                   + (f" ({p.reason})" if p.reason else ""))
+            return out
+
+        return self._fan_out(tx, ev, routes, build, now, None, [])
+
+    def _in_report_filed(self, tx: Tx, ev: Inbound, source: GroupRef, routes: list[Route], p: Report,
+                         reporter: CanonicalId | None, now: float) -> Outcome:
+        msg = self._message_from(tx, source, p.message, [], "")
+        member = self._actor_from(tx, source, p.member)[0] if p.member else None
+
+        def build(tx: Tx, route: Route, pending: list[str]) -> Report:
+            t = route.target
+            out_msg = self._message_to(tx, msg, t, pending, optional=True, degraded=[]) if msg else None
+            out_member = self._actor_to(tx, member, p.member, t) if member and p.member else None
+            if out_msg is None and out_member is None:
+                raise _Skip("report_target_unknown")
+            # A reporter crosses only if they chose to be identified.
+            show = p.reporter is not None and reporter is not None and p.reporter.identity == "identified"
+            return replace(p, message=out_msg, member=out_member,
+                           reporter=self._actor_to(tx, reporter, p.reporter, t) if show else None)  # type: ignore[arg-type]
+
+        return self._fan_out(tx, ev, routes, build, now, None, [])
+
+    def _in_profile_updated(self, tx: Tx, ev: Inbound, source: GroupRef, routes: list[Route],
+                            p: ProfileUpdate, actor: CanonicalId, now: float) -> Outcome:
+        if p.actor.identity == "anonymous":
+            return Outcome("dropped", "anonymous")  # nothing of them crosses a link
+
+        def build(tx: Tx, route: Route, pending: list[str]) -> ProfileUpdate:
+            return replace(p, actor=self._actor_to(tx, actor, p.actor, route.target))
+
+        return self._fan_out(tx, ev, routes, build, now, actor, [])
+
+    def _in_account_moved(self, tx: Tx, ev: Inbound, source: GroupRef, routes: list[Route],
+                          p: AccountMove, actor: CanonicalId, now: float) -> Outcome:
+        # The new account is the same person: map it to the same canonical id,
+        # so their memberships and messages follow them.
+        if p.target.platform in self.capabilities:
+            tx.map(PlatformName(p.target.platform), "", ACTOR, p.target.id, actor, ids.ORIGIN)
+            self._actor_out.clear()
+        if p.actor.identity == "anonymous":
+            return Outcome("accepted")
+
+        def build(tx: Tx, route: Route, pending: list[str]) -> AccountMove:
+            return replace(p, actor=self._actor_to(tx, actor, p.actor, route.target))
+
+        return self._fan_out(tx, ev, routes, build, now, actor, [])
+
+    # -- shared steps ------------------------------------------------------------------
+    def _fan_out(self, tx: Tx, ev: Inbound, routes: list[Route], build: Callable[[Tx, Route, list[str]], Any],
+                 now: float, acting: CanonicalId | None, degraded: list[str]) -> Outcome:
+        out = Outcome("accepted", degraded=degraded)
+        skipped: list[str] = []
+        for route in routes:
+            if acting is not None and route.link.moderation == "mirror" and (route.link.link_name, acting) in self.bans:
+                skipped.append("banned")
+                continue
+            pending: list[str] = []
+            try:
+                payload = build(tx, route, pending)
+            except _Skip as skip:
+                skipped.append(str(skip))
+                continue
+            etype = ev.type if not isinstance(payload, Report) or ev.type == "civic.report.filed" else "civic.report.filed"
+            event_id = EventId(ids.new_id("cge_"))
+            body = _encode(payload)
+            pend = " ".join(pending) or None
+            seq = tx.enqueue(route.target, event_id, etype, ev.platform, now, pend, body)
+            out.items.append(OutboxItem(seq, route.target, event_id, etype, ev.platform, now, pend, body))
+        if not out.items and skipped:
+            return Outcome("dropped", skipped[0], degraded=degraded)
+        degraded.extend(skipped)
+        return out
+
+    def _moderate(self, tx: Tx, ev: Inbound, source: GroupRef, action: str, subject: str,
+                  member: Actor | None, by: Actor | None, reason: str | None, category: str | None,
+                  now: float) -> None:
+        """Write the public log entry and update the bans of every link of the group."""
+        for link in self.router.links_of(source):
+            tx.log_moderation(ModerationEntry(
+                time=now, link=link.link_name, platform=source.platform, grp=source.group, action=action,
+                subject=subject, moderator=by.name if by else None, reason=reason, category=category,
+                event_id=ev.event_id))
+            if link.moderation == "mirror" and member is not None and action in ("ban", "banned", "unban", "unbanned"):
+                banned = action in ("ban", "banned")
+                tx.set_ban(link.link_name, CanonicalId(subject), banned, now)
+                key = (link.link_name, CanonicalId(subject))
+                if banned:
+                    self.bans.add(key)
+                else:
+                    self.bans.discard(key)
+
+    def _actor_from(self, tx: Tx, source: GroupRef, actor: Actor) -> tuple[CanonicalId, int]:
+        """Canonical id of a person as the source platform names them (new ones get one)."""
+        key = (source.platform, actor.id)
+        hit = self._actor_in.get(key)
+        if hit is not None:
+            return hit
+        hit = tx.lookup(source.platform, "", ACTOR, actor.id)
+        if hit is None and actor.id.startswith("anon_"):
+            hit = tx.lookup(source.platform, source.group, ACTOR, actor.id)
+            if hit is not None:
+                return hit  # per-group stand-ins are not cached by platform
+        if hit is None:
+            hit = (ids.new_actor_id(), ids.ORIGIN)
+            tx.map(source.platform, "", ACTOR, actor.id, hit[0], ids.ORIGIN)
+        if len(self._actor_in) > ACTOR_CACHE_MAX:
+            self._actor_in.clear()
+        self._actor_in[key] = hit
+        return hit
+
+    def _actor_to(self, tx: Tx, c: CanonicalId, actor: Actor, target: GroupRef) -> Actor:
+        """How a person appears on the target: their own account there if they
+        have one, else a stand-in that shows no more than their identity level."""
+        if actor.identity == "anonymous":
+            digest = hmac.new(self._ghost_key, f"{c}|{target.platform}|{target.group}".encode(), hashlib.sha256)
+            ghost = "anon_" + digest.hexdigest()[:24]
+            tx.map(target.platform, target.group, ACTOR, ghost, c, ids.SENT)
+            return Actor(id=ghost, identity="anonymous")
+        key = (c, target.platform)
+        own = self._actor_out.get(key)
+        if own is None:
+            own = tx.native_for(c, target.platform, "", ACTOR)
+            if own is None:
+                tx.map(target.platform, "", ACTOR, c, c, ids.SENT)
+                own = (c, ids.SENT)
+            if len(self._actor_out) > ACTOR_CACHE_MAX:
+                self._actor_out.clear()
+            self._actor_out[key] = own
+        return Actor(id=own[0], name=actor.name, identity=actor.identity)
+
+    @staticmethod
+    def _message_from(tx: Tx, source: GroupRef, native: str | None, degraded: list[str], reason: str) -> CanonicalId | None:
+        if native is None:
+            return None
+        hit = tx.lookup(source.platform, source.group, MESSAGE, native)
+        if hit is None:
+            if reason:
+                degraded.append(reason)
+            return None
+        return hit[0]
+
+    @staticmethod
+    def _message_to(tx: Tx, c: CanonicalId | None, target: GroupRef, pending: list[str], *,
+                    optional: bool = False, degraded: list[str] | None = None) -> Any:
+        """The target's id for a message. Required references that the target
+        never saw skip the target; optional ones (reply, thread) are dropped."""
+        if c is None:
+            return None
+        hit = tx.native_for(c, target.platform, target.group, MESSAGE)
+        if hit is None:
+            if optional:
+                if degraded is not None:
+                    degraded.append("reference_not_on_target")
+                return None
+            raise _Skip("not_on_target")
+        if hit[1] == ids.SENT:
+            pending.append(c)  # the target may name its own id before this is delivered
+        return hit[0]
+
+
+def _acting_actor(p: Any) -> Actor | None:
+    """The person who did what the event reports (loop guard and bans look at them)."""
+    if isinstance(p, (Message, Reaction)):
+        return p.author
+    if isinstance(p, Membership):
+        return p.by or p.member
+    if isinstance(p, (ModerationAction, MessageDeletion)):
+        return p.by
+    if isinstance(p, Report):
+        return p.reporter
+    if isinstance(p, (ProfileUpdate, AccountMove)):
+        return p.actor
+    return None
+
+
+def _degrade(m: Message, caps: Capabilities | None, degraded: list[str]) -> Message:
+    """Fit a message to what the target can express, keeping its meaning."""
+    if caps is None:
+        return m
+    if m.warning and caps.content_warning == "first_line":
+        degraded.append("warning_first_line")
+        m = replace(m, text=f"CW: {m.warning}\n\n{m.text}",
+                    html=f"<p><strong>CW: {_escape(m.warning)}</strong></p>{m.html}" if m.html else None)
+    if m.html is not None and not caps.html:
+        degraded.append("html_dropped")
+        m = replace(m, html=None)
+    if m.thread is not None and not caps.threads:
+        degraded.append("thread_dropped")
+        m = replace(m, thread=None, reply_to=m.reply_to or m.thread)
+    return m
+
+
+def _escape(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+__all__ = ["Pipeline", "Outcome", "LinkConfig"]

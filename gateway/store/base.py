@@ -1,0 +1,166 @@
+"""The store interface: everything the gateway must not lose.
+
+Two faces. ``Tx`` is the synchronous view of one open transaction, used by the
+pipeline's planning code so that deduplication, id mapping, routing and the
+outbox insert of an event commit together or not at all. ``Store`` is the
+asynchronous face the rest of the core uses; ``transact`` runs a planning
+function inside a transaction (implementations group-commit concurrent calls).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
+
+from msgspec import Struct
+
+from gateway.ids import CanonicalId, EventId, GroupId, GroupRef, LinkName, NativeId, PlatformName
+
+T = TypeVar("T")
+
+
+class OutboxItem(Struct, frozen=True):
+    """One event waiting for one target group."""
+
+    seq: int
+    target: GroupRef
+    event_id: EventId
+    type: str
+    origin: PlatformName
+    created: float
+    pending: str | None
+    """Space-separated canonical message ids to translate at delivery time
+    (their target id may only be known once earlier deliveries finish)."""
+    body: bytes
+    """The payload, msgpack, ids already in the target's terms where known."""
+
+
+class DeadLetter(Struct, frozen=True):
+    item: OutboxItem
+    error: str
+    attempts: int
+    failed_at: float
+
+
+class Mapping(Struct, frozen=True):
+    """A native id a delivery created: (platform, grp, kind, native) -> canonical."""
+
+    platform: PlatformName
+    grp: GroupId
+    kind: str
+    native: NativeId
+    canonical: CanonicalId
+
+
+class ModerationEntry(Struct, frozen=True):
+    """One row of the public moderation log."""
+
+    time: float
+    link: LinkName
+    platform: PlatformName
+    grp: GroupId
+    action: str
+    subject: str
+    moderator: str | None
+    reason: str | None
+    category: str | None
+    event_id: EventId
+    seq: int = 0
+
+
+class Tx(Protocol):
+    """One open transaction (synchronous; runs on the store's own worker)."""
+
+    def first_seen(self, platform: PlatformName, event_id: EventId, now: float) -> bool:
+        """Record an inbound event id; False if it was recorded before."""
+
+    def lookup(self, platform: PlatformName, grp: str, kind: str, native: str) -> tuple[CanonicalId, int] | None:
+        """Canonical id of a native id, and how the platform came by it (ids.ORIGIN, COPY or SENT)."""
+
+    def native_for(self, canonical: CanonicalId, platform: PlatformName, grp: str, kind: str) -> tuple[NativeId, int] | None:
+        """The platform's id for a canonical id, best first (ORIGIN, then COPY, then SENT), and how."""
+
+    def map(self, platform: PlatformName, grp: str, kind: str, native: str, canonical: CanonicalId, how: int) -> None:
+        """Record a mapping; an existing one for the same native id is kept."""
+
+    def enqueue(self, target: GroupRef, event_id: EventId, type: str, origin: PlatformName,
+                created: float, pending: str | None, body: bytes) -> int:
+        """Append to the target group's queue; returns the sequence number."""
+
+    def set_membership(self, platform: PlatformName, grp: GroupId, actor: CanonicalId,
+                       state: str, role: str | None, now: float) -> None: ...
+
+    def log_moderation(self, entry: ModerationEntry) -> None: ...
+
+    def set_ban(self, link: LinkName, actor: CanonicalId, banned: bool, now: float) -> None: ...
+
+
+class Store(abc.ABC):
+    """Durable state. Implementations: ``gateway.store.sqlite.SqliteStore``."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and apply pending migrations."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def transact(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn`` in a transaction; when this returns the effect is durable.
+        If ``fn`` raises, its effect is rolled back and the error re-raised."""
+
+    @abc.abstractmethod
+    def backlog(self) -> int:
+        """Transactions waiting to run (for load shedding); cheap, no I/O."""
+
+    @abc.abstractmethod
+    async def outbox_groups(self) -> list[GroupRef]:
+        """Every target group with undelivered events."""
+
+    @abc.abstractmethod
+    async def outbox_page(self, target: GroupRef, after_seq: int, limit: int) -> list[OutboxItem]:
+        """Undelivered events of one group after ``after_seq``, oldest first."""
+
+    @abc.abstractmethod
+    async def outbox_counts(self) -> dict[PlatformName, int]: ...
+
+    @abc.abstractmethod
+    async def complete(self, seqs: Sequence[int], mappings: Sequence[Mapping]) -> None:
+        """Delivered: remove these outbox rows and record the ids the targets created (as ids.COPY)."""
+
+    @abc.abstractmethod
+    async def natives(self, platform: PlatformName, grp: str, kind: str,
+                      canonicals: Sequence[str]) -> dict[str, tuple[NativeId, int]]:
+        """Batch ``native_for`` (for translating at delivery time)."""
+
+    @abc.abstractmethod
+    async def dead_letter(self, item: OutboxItem, error: str, attempts: int, now: float) -> None:
+        """Move an outbox row to the dead letters."""
+
+    @abc.abstractmethod
+    async def dead_letters(self, after_seq: int = 0, limit: int = 100) -> list[DeadLetter]: ...
+
+    @abc.abstractmethod
+    async def dead_letter_count(self) -> int: ...
+
+    @abc.abstractmethod
+    async def replay(self, seqs: Sequence[int] | None) -> list[OutboxItem]:
+        """Move dead letters (all when ``seqs`` is None) back to the end of their
+        queues, keeping their event ids; returns the new outbox items."""
+
+    @abc.abstractmethod
+    async def moderation_log(self, after_seq: int = 0, limit: int = 100,
+                             link: str | None = None) -> list[ModerationEntry]: ...
+
+    @abc.abstractmethod
+    async def bans(self) -> set[tuple[LinkName, CanonicalId]]: ...
+
+    @abc.abstractmethod
+    async def setting(self, key: str, default: Callable[[], str]) -> str:
+        """A persistent setting; created from ``default()`` on first use."""
+
+    @abc.abstractmethod
+    async def prune_processed(self, older_than: float) -> int:
+        """Forget inbound event ids seen before ``older_than``; returns how many."""

@@ -1,0 +1,345 @@
+"""The embedded store: SQLite in WAL mode, driven by one worker thread.
+
+Every call becomes a job on a queue; the worker takes all jobs waiting, runs
+them in ONE transaction (each inside its own savepoint, so one failing job
+rolls back alone) and commits once. That group commit is what makes a durable
+``202`` cheap: under load hundreds of requests share one commit, and the
+event loop never waits on SQLite itself.
+
+Durability: WAL with ``synchronous=NORMAL`` keeps every commit through a
+process crash (``SIGKILL``); ``synchronous = "full"`` also survives power loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import Any, TypeVar
+
+from gateway.ids import CanonicalId, EventId, GroupId, GroupRef, LinkName, NativeId, PlatformName
+from gateway.store.base import DeadLetter, Mapping, ModerationEntry, OutboxItem, Store
+
+T = TypeVar("T")
+log = logging.getLogger("civic.store")
+
+MAX_JOBS_PER_COMMIT = 512
+_OUTBOX_COLS = "seq, platform, grp, event_id, type, origin, created, pending, body"
+
+
+def migrations() -> list[tuple[int, str]]:
+    """Numbered migrations shipped with the package, in order."""
+    found = []
+    for entry in resources.files("gateway.store").joinpath("migrations").iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:4].isdigit():
+            found.append((int(name[:4]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def _item(row: Sequence[Any]) -> OutboxItem:
+    return OutboxItem(seq=row[0], target=GroupRef(PlatformName(row[1]), GroupId(row[2])),
+                      event_id=EventId(row[3]), type=row[4], origin=PlatformName(row[5]),
+                      created=row[6], pending=row[7], body=bytes(row[8]))
+
+
+class SqliteTx:
+    """``Tx`` over a sqlite3 connection inside an open transaction."""
+
+    __slots__ = ("c",)
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.c = conn
+
+    def first_seen(self, platform: PlatformName, event_id: EventId, now: float) -> bool:
+        cur = self.c.execute("INSERT OR IGNORE INTO processed (platform, event_id, seen) VALUES (?, ?, ?)",
+                             (platform, event_id, now))
+        return cur.rowcount == 1
+
+    def lookup(self, platform: PlatformName, grp: str, kind: str, native: str) -> tuple[CanonicalId, int] | None:
+        row = self.c.execute("SELECT canonical, sent FROM id_map WHERE platform = ? AND grp = ? AND kind = ? AND native = ?",
+                             (platform, grp, kind, native)).fetchone()
+        return (CanonicalId(row[0]), row[1]) if row else None
+
+    def native_for(self, canonical: CanonicalId, platform: PlatformName, grp: str, kind: str) -> tuple[NativeId, int] | None:
+        row = self.c.execute("SELECT native, sent FROM id_map WHERE canonical = ? AND platform = ? AND grp = ? AND kind = ?"
+                             " ORDER BY sent LIMIT 1", (canonical, platform, grp, kind)).fetchone()
+        return (NativeId(row[0]), row[1]) if row else None
+
+    def map(self, platform: PlatformName, grp: str, kind: str, native: str, canonical: CanonicalId, how: int) -> None:
+        self.c.execute("INSERT OR IGNORE INTO id_map (platform, grp, kind, native, canonical, sent) VALUES (?, ?, ?, ?, ?, ?)",
+                       (platform, grp, kind, native, canonical, how))
+
+    def enqueue(self, target: GroupRef, event_id: EventId, type: str, origin: PlatformName,
+                created: float, pending: str | None, body: bytes) -> int:
+        cur = self.c.execute("INSERT INTO outbox (platform, grp, event_id, type, origin, created, pending, body)"
+                             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (target.platform, target.group, event_id, type, origin, created, pending, body))
+        return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def set_membership(self, platform: PlatformName, grp: GroupId, actor: CanonicalId,
+                       state: str, role: str | None, now: float) -> None:
+        self.c.execute("INSERT INTO memberships (platform, grp, actor, state, role, updated) VALUES (?, ?, ?, ?, ?, ?)"
+                       " ON CONFLICT (platform, grp, actor) DO UPDATE SET state = excluded.state,"
+                       " role = COALESCE(excluded.role, memberships.role), updated = excluded.updated",
+                       (platform, grp, actor, state, role, now))
+
+    def log_moderation(self, e: ModerationEntry) -> None:
+        self.c.execute("INSERT INTO moderation_log (time, link, platform, grp, action, subject, moderator, reason,"
+                       " category, event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (e.time, e.link, e.platform, e.grp, e.action, e.subject, e.moderator, e.reason,
+                        e.category, e.event_id))
+
+    def set_ban(self, link: LinkName, actor: CanonicalId, banned: bool, now: float) -> None:
+        if banned:
+            self.c.execute("INSERT OR IGNORE INTO bans (link, actor, since) VALUES (?, ?, ?)", (link, actor, now))
+        else:
+            self.c.execute("DELETE FROM bans WHERE link = ? AND actor = ?", (link, actor))
+
+
+class _Job:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[SqliteTx], Any], future: asyncio.Future[Any]) -> None:
+        self.fn = fn
+        self.future = future
+
+
+def _settle(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in results:
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+class SqliteStore(Store):
+    def __init__(self, path: str, *, synchronous: str = "normal") -> None:
+        self.path = path
+        self.synchronous = synchronous.upper()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._submitted = 0  # touched by the event loop thread only
+        self._finished = 0  # touched by the worker thread only
+        self.commits = 0
+
+    # -- lifecycle -------------------------------------------------------------
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="civic-sqlite", daemon=True)
+        self._thread.start()
+        await ready
+
+    async def close(self) -> None:
+        if self._thread is None:
+            return
+        self._jobs.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._thread = None
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA temp_store = MEMORY")
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied REAL NOT NULL)")
+        done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+        for version, sql in migrations():
+            if version in done:
+                continue
+            log.info("applying store migration %04d", version)
+            script = sql.replace("DOUBLE PRECISION", "REAL")
+            try:
+                conn.executescript(f"BEGIN IMMEDIATE;\n{script}\n;INSERT INTO schema_migrations (version, applied)"
+                                   f" VALUES ({version}, julianday('now'));\nCOMMIT;")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            conn = self._connect()
+            self._migrate(conn)
+        except BaseException as exc:  # reported to open()
+            loop.call_soon_threadsafe(ready.set_exception, exc)
+            return
+        loop.call_soon_threadsafe(ready.set_result, None)
+        tx = SqliteTx(conn)
+        stop = False
+        while not stop:
+            job = self._jobs.get()
+            if job is None:
+                break
+            batch = [job]
+            while len(batch) < MAX_JOBS_PER_COMMIT:
+                try:
+                    nxt = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            results = self._run_batch(conn, tx, batch)
+            self._finished += len(batch)
+            loop.call_soon_threadsafe(_settle, results)
+        conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, tx: SqliteTx,
+                   batch: list[_Job]) -> list[tuple[asyncio.Future[Any], bool, Any]]:
+        results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    value = job.fn(tx)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    results.append((job.future, False, exc))
+                else:
+                    conn.execute("RELEASE job")
+                    results.append((job.future, True, value))
+            conn.execute("COMMIT")
+            self.commits += 1
+        except Exception as exc:  # the commit itself failed (disk full, I/O error)
+            log.error("store transaction failed: %s", exc)
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            results = [(job.future, False, exc) for job in batch]
+        return results
+
+    # -- the async face ------------------------------------------------------------
+    def backlog(self) -> int:
+        return self._submitted - self._finished
+
+    def _submit(self, fn: Callable[[SqliteTx], T]) -> asyncio.Future[T]:
+        if self._thread is None or self._loop is None:
+            raise RuntimeError("store is not open")
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._submitted += 1
+        self._jobs.put(_Job(fn, fut))
+        return fut
+
+    async def transact(self, fn: Callable[[SqliteTx], T]) -> T:  # type: ignore[override]
+        return await self._submit(fn)
+
+    async def outbox_groups(self) -> list[GroupRef]:
+        rows = await self._submit(lambda tx: tx.c.execute("SELECT DISTINCT platform, grp FROM outbox").fetchall())
+        return [GroupRef(PlatformName(p), GroupId(g)) for p, g in rows]
+
+    async def outbox_page(self, target: GroupRef, after_seq: int, limit: int) -> list[OutboxItem]:
+        rows = await self._submit(lambda tx: tx.c.execute(
+            f"SELECT {_OUTBOX_COLS} FROM outbox WHERE platform = ? AND grp = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (target.platform, target.group, after_seq, limit)).fetchall())
+        return [_item(r) for r in rows]
+
+    async def outbox_counts(self) -> dict[PlatformName, int]:
+        rows = await self._submit(lambda tx: tx.c.execute(
+            "SELECT platform, COUNT(*) FROM outbox GROUP BY platform").fetchall())
+        return {PlatformName(p): n for p, n in rows}
+
+    async def complete(self, seqs: Sequence[int], mappings: Sequence[Mapping]) -> None:
+        def run(tx: SqliteTx) -> None:
+            tx.c.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+            if mappings:
+                tx.c.executemany("INSERT OR IGNORE INTO id_map (platform, grp, kind, native, canonical, sent)"
+                                 " VALUES (?, ?, ?, ?, ?, 1)",
+                                 [(m.platform, m.grp, m.kind, m.native, m.canonical) for m in mappings])
+        await self._submit(run)
+
+    async def natives(self, platform: PlatformName, grp: str, kind: str,
+                      canonicals: Sequence[str]) -> dict[str, tuple[NativeId, int]]:
+        def run(tx: SqliteTx) -> dict[str, tuple[NativeId, int]]:
+            found = {}
+            for c in canonicals:
+                hit = tx.native_for(CanonicalId(c), platform, grp, kind)
+                if hit:
+                    found[c] = hit
+            return found
+        return await self._submit(run)
+
+    async def dead_letter(self, item: OutboxItem, error: str, attempts: int, now: float) -> None:
+        def run(tx: SqliteTx) -> None:
+            tx.c.execute("DELETE FROM outbox WHERE seq = ?", (item.seq,))
+            tx.c.execute("INSERT OR REPLACE INTO dead_letters (seq, platform, grp, event_id, type, origin, created,"
+                         " pending, body, error, attempts, failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (item.seq, item.target.platform, item.target.group, item.event_id, item.type, item.origin,
+                          item.created, item.pending, item.body, error[:2000], attempts, now))
+        await self._submit(run)
+
+    async def dead_letters(self, after_seq: int = 0, limit: int = 100) -> list[DeadLetter]:
+        rows = await self._submit(lambda tx: tx.c.execute(
+            f"SELECT {_OUTBOX_COLS}, error, attempts, failed_at FROM dead_letters WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit)).fetchall())
+        return [DeadLetter(item=_item(r[:9]), error=r[9], attempts=r[10], failed_at=r[11]) for r in rows]
+
+    async def dead_letter_count(self) -> int:
+        return await self._submit(lambda tx: tx.c.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0])
+
+    async def replay(self, seqs: Sequence[int] | None) -> list[OutboxItem]:
+        def run(tx: SqliteTx) -> list[OutboxItem]:
+            if seqs is None:
+                rows = tx.c.execute(f"SELECT {_OUTBOX_COLS} FROM dead_letters ORDER BY seq").fetchall()
+            else:
+                rows = []
+                for s in seqs:
+                    rows += tx.c.execute(f"SELECT {_OUTBOX_COLS} FROM dead_letters WHERE seq = ?", (s,)).fetchall()
+            items = []
+            for r in rows:
+                old = _item(r)
+                tx.c.execute("DELETE FROM dead_letters WHERE seq = ?", (old.seq,))
+                seq = tx.enqueue(old.target, old.event_id, old.type, old.origin, old.created, old.pending, old.body)
+                items.append(OutboxItem(seq, old.target, old.event_id, old.type, old.origin, old.created,
+                                        old.pending, old.body))
+            return items
+        return await self._submit(run)
+
+    async def moderation_log(self, after_seq: int = 0, limit: int = 100,
+                             link: str | None = None) -> list[ModerationEntry]:
+        sql = ("SELECT time, link, platform, grp, action, subject, moderator, reason, category, event_id, seq"
+               " FROM moderation_log WHERE seq > ?")
+        args: list[Any] = [after_seq]
+        if link is not None:
+            sql += " AND link = ?"
+            args.append(link)
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+        rows = await self._submit(lambda tx: tx.c.execute(sql, args).fetchall())
+        return [ModerationEntry(*r) for r in rows]
+
+    async def bans(self) -> set[tuple[LinkName, CanonicalId]]:
+        rows = await self._submit(lambda tx: tx.c.execute("SELECT link, actor FROM bans").fetchall())
+        return {(LinkName(a), CanonicalId(b)) for a, b in rows}
+
+    async def setting(self, key: str, default: Callable[[], str]) -> str:
+        def run(tx: SqliteTx) -> str:
+            row = tx.c.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+            if row:
+                return str(row[0])
+            value = default()
+            tx.c.execute("INSERT INTO settings (key, value) VALUES (?, ?)", (key, value))
+            return value
+        return await self._submit(run)
+
+    async def prune_processed(self, older_than: float) -> int:
+        return await self._submit(lambda tx: tx.c.execute("DELETE FROM processed WHERE seen < ?",
+                                                          (older_than,)).rowcount)
