@@ -19,9 +19,8 @@ import json
 import logging
 import time
 import uuid
-from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,6 @@ VERBS = {"invited": "was invited", "kicked": "was removed", "banned": "was banne
 
 
 # -- Standard Webhooks signing: all the crypto a site needs ---------------------
-
 def sign(key: bytes, msg_id: str, ts: int, body: bytes) -> str:
     mac = hmac.new(key, f"{msg_id}.{ts}.".encode() + body, hashlib.sha256).digest()
     return "v1," + base64.b64encode(mac).decode()
@@ -54,8 +52,6 @@ def verified(key: bytes, headers: Any, body: bytes) -> bool:
     return any(hmac.compare_digest(s.encode(), expected) for s in headers.get("webhook-signature", "").split())
 
 
-# -- State ------------------------------------------------------------------------
-
 @dataclass
 class Board:
     platform: str
@@ -65,9 +61,9 @@ class Board:
     timeline: list[dict[str, Any]] = field(default_factory=list)  # messages and system lines, oldest first
     messages: dict[str, dict[str, Any]] = field(default_factory=dict)  # own id -> message
     by_gateway_id: dict[str, str] = field(default_factory=dict)  # id the gateway sent -> own id
-    seen_events: set[str] = field(default_factory=set)
+    seen_events: dict[str, dict[str, str]] = field(default_factory=dict)  # event id -> the ids we answered
     members: set[str] = field(default_factory=set)
-    outbox: deque[dict[str, Any]] = field(default_factory=deque)
+    outbox: list[dict[str, Any]] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     last_error: str | None = None
     counter: int = 0
@@ -98,18 +94,11 @@ class Board:
         """Queue one CloudEvent (with the site's own ids) for the sender task."""
         self.outbox.append({"specversion": "1.0", "id": str(uuid.uuid4()), "type": type_,
                             "source": f"urn:civic-demo:{self.platform}", "subject": self.group,
-                            "time": datetime.now(timezone.utc).isoformat(), "data": data})
+                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "data": data})
         self.wake.set()
 
 
 STATE = web.AppKey("board", Board)
-PAGE = web.AppKey("page", str)
-
-
-def actor(name: str, identity: str) -> dict[str, Any]:
-    """A person as this site knows them; an anonymous person's name is never sent."""
-    person = {"id": f"user:{name}", "identity": identity}
-    return person if identity == "anonymous" else person | {"name": name}
 
 
 def who(person: dict[str, Any] | None) -> str:
@@ -117,7 +106,6 @@ def who(person: dict[str, Any] | None) -> str:
 
 
 # -- Sending to the gateway ---------------------------------------------------------
-
 async def sender(board: Board, http: aiohttp.ClientSession) -> None:
     """Posts queued events in order, up to 100 per request. Network trouble, 408,
     429 and 5xx are retried later with the same event ids; other answers are final."""
@@ -126,7 +114,7 @@ async def sender(board: Board, http: aiohttp.ClientSession) -> None:
         if not board.outbox:
             board.wake.clear()
             await board.wake.wait()
-        events = list(board.outbox)[:100]
+        events = board.outbox[:100]
         body = json.dumps(events[0] if len(events) == 1 else events).encode()
         msg_id, ts = f"msg_{uuid.uuid4().hex}", int(time.time())
         headers = {"content-type": SINGLE if len(events) == 1 else BATCH, "webhook-id": msg_id,
@@ -141,22 +129,21 @@ async def sender(board: Board, http: aiohttp.ClientSession) -> None:
             await asyncio.sleep(float(retry_after) if retry_after.isdigit() else delay)
             delay = min(delay * 2, 30.0)
             continue
-        for _ in events:
-            board.outbox.popleft()
+        del board.outbox[:len(events)]
         delay, board.last_error = 1.0, None if status < 300 else f"gateway refused: {status} {text[:200]}"
         if status >= 300:  # 400, 401, 404, 413, 415: sending it again would not help
             log.warning("gateway refused %d events: %s %s", len(events), status, text)
 
 
 # -- Receiving from the gateway -------------------------------------------------------
-
 def apply(board: Board, ev: dict[str, Any], ids: dict[str, str]) -> None:
     """Apply one CloudEvent from the gateway; a new message's own id goes into ``ids``."""
     type_, data = ev.get("type"), ev.get("data") or {}
     reason = f": {data['reason']}" if data.get("reason") else ""
     if type_ == "civic.message.created":
         if data["id"] not in board.by_gateway_id:
-            msg = board.add(data["author"], data.get("text", ""), data.get("warning"), data.get("sensitive", False),
+            author = {"identity": "pseudonymous"} | data["author"]  # a default the gateway may leave out
+            msg = board.add(author, data.get("text", ""), data.get("warning"), data.get("sensitive", False),
                             data.get("reply_to"), ev.get("civicorigin") or "another site")
             board.by_gateway_id[data["id"]] = msg["id"]
         ids[data["id"]] = board.by_gateway_id[data["id"]]
@@ -177,9 +164,7 @@ def apply(board: Board, ev: dict[str, Any], ids: dict[str, str]) -> None:
         board.system(f"a moderator removed a message{reason}")
     elif type_ == "civic.moderation.action":
         board.system(f"a moderator applied {data.get('action')} to {who(data.get('member'))}{reason}")
-    elif type_ == "civic.account.moved":
-        board.system(f"{who(data.get('actor'))} moved to {data.get('target', {}).get('platform')}")
-    # civic.profile.updated and civic.report.filed are for sites with profiles and a moderators' view.
+    # profile.updated, report.filed and account.moved matter to sites with profiles or a moderators' view.
 
 
 async def inbox(request: web.Request) -> web.Response:
@@ -197,25 +182,16 @@ async def inbox(request: web.Request) -> web.Response:
         return web.json_response({"error": str(exc)}, status=400)
     ids: dict[str, str] = {}
     for ev in events:
-        if ev["id"] in board.seen_events:  # redelivered: change nothing, but answer the same ids again
-            gid = (ev.get("data") or {}).get("id")
-            if ev.get("type") == "civic.message.created" and gid in board.by_gateway_id:
-                ids[gid] = board.by_gateway_id[gid]
-            continue
-        try:
-            apply(board, ev, ids)
-        except (KeyError, TypeError, AttributeError) as exc:
-            log.warning("skipping malformed event %s: %r", ev["id"], exc)
-        board.seen_events.add(ev["id"])
+        if ev["id"] not in board.seen_events:  # a redelivered event changes nothing, but gets the same answer
+            try:
+                apply(board, ev, board.seen_events.setdefault(ev["id"], {}))
+            except (KeyError, TypeError, AttributeError) as exc:
+                log.warning("skipping malformed event %s: %r", ev["id"], exc)
+        ids.update(board.seen_events[ev["id"]])
     return web.json_response({"ids": ids})
 
 
 # -- The page and its small JSON API ---------------------------------------------------
-
-async def page(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[PAGE], content_type="text/html")
-
-
 async def list_messages(request: web.Request) -> web.Response:
     """The timeline for the page; reactions are a set of emoji, never counted."""
     board = request.app[STATE]
@@ -229,7 +205,8 @@ async def form(request: web.Request) -> tuple[Board, dict[str, Any], dict[str, A
     name, identity = str(body.get("name", "")).strip()[:80], body.get("identity", "pseudonymous")
     if not name or identity not in ("anonymous", "pseudonymous", "identified"):
         raise web.HTTPBadRequest(text="a name and an identity level are needed")
-    return request.app[STATE], body, actor(name, identity)
+    author = {"id": f"user:{name}", "identity": identity}  # an anonymous person's name is never sent
+    return request.app[STATE], body, author if identity == "anonymous" else author | {"name": name}
 
 
 def wire(msg: dict[str, Any]) -> dict[str, Any]:
@@ -289,17 +266,19 @@ def make_site_app(*, title: str, platform: str, group: str, gateway_url: str, se
     key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
     board = Board(platform, group, f"{gateway_url.rstrip('/')}/v1/platforms/{platform}/events", key)
     app = web.Application()
-    app[STATE] = board
-    text = TEMPLATE.read_text(encoding="utf-8")
+    app[STATE], text = board, TEMPLATE.read_text(encoding="utf-8")
     for name, value in {"TITLE": title, "THEME": theme if theme in THEMES else THEMES[0],
                         "PLATFORM": platform, "GROUP": group}.items():
         text = text.replace(f"__{name}__", html.escape(value))
-    app[PAGE] = text
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=text, content_type="text/html")
+
     app.add_routes([web.get("/", page), web.get("/api/messages", list_messages), web.post("/api/messages", post_message),
                     web.put("/api/messages/{id}", change_message), web.delete("/api/messages/{id}", change_message),
                     web.post("/api/messages/{id}/reactions", react), web.post("/civic/inbox", inbox)])
 
-    async def run_sender(app: web.Application):  # type: ignore[no-untyped-def]
+    async def run_sender(app: web.Application) -> AsyncIterator[None]:
         tasks = TaskGroup()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
             tasks.spawn(sender(board, http), name=f"demo-sender-{platform}")
@@ -311,8 +290,7 @@ def make_site_app(*, title: str, platform: str, group: str, gateway_url: str, se
 
 
 async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Serve ``app`` on a loopback address (port 0 picks a free one, see
-    ``runner.addresses``). The caller awaits ``runner.cleanup()`` at the end."""
+    """Serve ``app`` on loopback (port 0: any free port, see ``runner.addresses``) until ``runner.cleanup()``."""
     if host not in ("127.0.0.1", "::1", "localhost"):
         raise ValueError("the demo sites listen on 127.0.0.1 only")
     runner = web.AppRunner(app)
