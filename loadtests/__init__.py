@@ -1,0 +1,1 @@
+"""Reproducible load runs that print figures (see loadtests/README.md)."""

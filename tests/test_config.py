@@ -1,0 +1,195 @@
+"""Config errors name the key and its line; ``check-config`` reports them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from gateway import cli, registry
+from gateway.config import Config, parse, validate_adapters
+from gateway.errors import ConfigError
+
+SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldY"  # 24 bytes of key
+
+
+def platform(name: str, *extra: str, secret: str = SECRET) -> str:
+    lines = [f"[platforms.{name}]", 'kind = "webhook"', f'secret = "{secret}"',
+             f'url = "http://127.0.0.1:9/{name}"', *extra]
+    return "\n".join(lines) + "\n"
+
+
+LINK = '[[links]]\nname = "together"\ngroups = [{platform = "a", group = "g1"}, {platform = "b", group = "g2"}]\n'
+GATEWAY = '[gateway]\nlisten = "127.0.0.1:8080"\ndatabase = "gw.db"\n'
+
+
+def good_text() -> str:
+    return GATEWAY + "\n" + platform("a") + "\n" + platform("b") + "\n" + LINK
+
+
+def line_of(text: str, needle: str, occurrence: int = 1) -> int:
+    """1-based line of the ``occurrence``-th line containing ``needle``."""
+    hits = [i + 1 for i, line in enumerate(text.splitlines()) if needle in line]
+    return hits[occurrence - 1]
+
+
+def load_full(text: str) -> Config:
+    config = parse(text, "civic.toml")
+    validate_adapters(config, registry.find)
+    return config
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_full(text)
+    return str(info.value)
+
+
+def test_a_good_config_parses_with_typed_adapter_settings() -> None:
+    config = load_full(good_text())
+    assert config.gateway.listen == "127.0.0.1:8080"
+    assert sorted(config.platforms) == ["a", "b"]
+    assert config.platforms["a"].adapter_config.url == "http://127.0.0.1:9/a"
+    assert [(r.platform, r.group) for r in config.links[0].refs()] == [("a", "g1"), ("b", "g2")]
+
+
+def test_unknown_key_in_gateway_names_key_and_line() -> None:
+    text = GATEWAY + "admin_tokn = \"x\"\n\n" + platform("a") + "\n" + platform("b") + "\n" + LINK
+    msg = error_of(text)
+    assert msg.startswith(f"civic.toml:{line_of(text, 'admin_tokn')}: ")
+    assert "gateway.admin_tokn" in msg and "unknown key" in msg
+
+
+def test_unknown_gateway_key_line_is_found_inside_gateway_table_not_an_earlier_one() -> None:
+    # `timeout` is a valid webhook key above; in [gateway] it is a typo
+    text = platform("a", "timeout = 5") + "\n" + platform("b") + "\n" + GATEWAY + "timeout = 3\n\n" + LINK
+    msg = error_of(text)
+    assert msg.startswith(f"civic.toml:{line_of(text, 'timeout = 3')}: gateway.timeout: ")
+
+
+def test_unknown_key_in_a_platform_names_key_and_line_after_adapter_validation() -> None:
+    text = GATEWAY + "\n" + platform("a") + "\n" + platform("b", "batchmax = 5") + "\n" + LINK
+    config = parse(text, "civic.toml")  # the core does not know adapter keys
+    with pytest.raises(ConfigError) as info:
+        validate_adapters(config, registry.find)
+    msg = str(info.value)
+    assert msg.startswith(f"civic.toml:{line_of(text, 'batchmax')}: platforms.b.batchmax: ")
+    assert "unknown key" in msg
+
+
+def test_bad_adapter_value_names_key_and_line() -> None:
+    text = GATEWAY + "\n" + platform("a", "batch_max = 0") + "\n" + platform("b") + "\n" + LINK
+    msg = error_of(text)
+    assert msg.startswith(f"civic.toml:{line_of(text, 'batch_max = 0')}: platforms.a.batch_max: ")
+    assert ">= 1" in msg
+
+
+BAD_SECRETS = [
+    pytest.param("sk_QUJDREVGR0hJSktMTU5PUFFSU1RVVldY", "starts with 'whsec_'", id="no-prefix"),
+    pytest.param("whsec_not*base64!", "not valid base64", id="not-base64"),
+    pytest.param("whsec_QUJDREVGR0g=", "at least 16 bytes", id="too-short"),
+]
+
+
+@pytest.mark.parametrize(("secret", "reason"), BAD_SECRETS)
+def test_bad_webhook_secret_is_refused_with_the_reason(secret: str, reason: str) -> None:
+    text = GATEWAY + "\n" + platform("a", secret=secret) + "\n" + platform("b") + "\n" + LINK
+    msg = error_of(text)
+    assert reason in msg and "platforms.a" in msg
+    assert msg.startswith("civic.toml:")
+
+
+@pytest.mark.xfail(reason="BUG: a bad webhook secret (ValueError in WebhookConfig.__post_init__) is reported as "
+                          "'platforms.a: ...' at the [platforms.a] header line, not as 'platforms.a.secret' at "
+                          "the line of `secret` (adapters/webhook/config.py promises an error naming `secret`)",
+                   strict=True)
+@pytest.mark.parametrize(("secret", "reason"), BAD_SECRETS)
+def test_bad_webhook_secret_names_the_secret_key_and_its_line(secret: str, reason: str) -> None:
+    text = GATEWAY + "\n" + platform("a", secret=secret) + "\n" + platform("b") + "\n" + LINK
+    msg = error_of(text)
+    assert msg.startswith(f"civic.toml:{line_of(text, 'secret = ')}: platforms.a.secret: ")
+
+
+def test_link_naming_an_unconfigured_platform() -> None:
+    text = GATEWAY + "\n" + platform("a") + "\n" + platform("b") + "\n" + LINK.replace('"b"', '"bee"')
+    with pytest.raises(ConfigError) as info:
+        parse(text, "civic.toml")
+    msg = str(info.value)
+    assert msg.startswith(f"civic.toml:{line_of(text, 'groups =')}: links[0].groups: ")
+    assert "'bee'" in msg and "not configured" in msg
+
+
+def test_link_with_one_group() -> None:
+    text = (GATEWAY + "\n" + platform("a") + "\n" + platform("b") + "\n"
+            + '[[links]]\nname = "lonely"\ngroups = [{platform = "a", group = "g1"}]\n')
+    with pytest.raises(ConfigError) as info:
+        parse(text, "civic.toml")
+    msg = str(info.value)
+    assert msg.startswith(f"civic.toml:{line_of(text, 'groups =')}: links[0].groups: ")
+    assert "length >= 2" in msg
+
+
+def test_duplicate_link_names() -> None:
+    second = LINK.replace('group = "g1"', 'group = "g3"').replace('group = "g2"', 'group = "g4"')
+    text = GATEWAY + "\n" + platform("a") + "\n" + platform("b") + "\n" + LINK + "\n" + second
+    with pytest.raises(ConfigError) as info:
+        parse(text, "civic.toml")
+    msg = str(info.value)
+    assert msg.startswith(f"civic.toml:{line_of(text, 'name = ', 2)}: links[1].name: ")
+    assert "'together'" in msg and "twice" in msg
+
+
+def test_invalid_toml_names_the_line() -> None:
+    text = GATEWAY + "\n[platforms.a\nkind = \"webhook\"\n"
+    with pytest.raises(ConfigError) as info:
+        parse(text, "civic.toml")
+    msg = str(info.value)
+    assert msg.startswith("civic.toml: not valid TOML")
+    assert f"line {line_of(text, '[platforms.a')}" in msg
+
+
+def test_missing_kind() -> None:
+    text = GATEWAY + "\n" + platform("a").replace('kind = "webhook"\n', "")
+    with pytest.raises(ConfigError) as info:
+        parse(text, "civic.toml")
+    msg = str(info.value)
+    assert "platforms.a.kind" in msg and "missing" in msg
+    assert re.match(r"^civic\.toml:\d+: ", msg)
+
+
+def test_unknown_adapter_kind_lists_the_known_kinds() -> None:
+    text = GATEWAY + "\n" + platform("a").replace('kind = "webhook"', 'kind = "matrixx"')
+    msg = error_of(text)
+    assert msg.startswith(f"civic.toml:{line_of(text, 'matrixx')}: platforms.a.kind: ")
+    assert "'matrixx'" in msg
+    assert "webhook" in msg.split("known:")[1]
+
+
+# -- civic-gateway check-config ------------------------------------------------------------
+
+def test_check_config_good_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "civic.toml"
+    path.write_text(good_text(), encoding="utf-8")
+    assert cli.main(["check-config", str(path)]) == 0
+    out = capsys.readouterr()
+    assert "ok" in out.out and str(path) in out.out
+    assert out.err == ""
+
+
+def test_check_config_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "civic.toml"
+    text = GATEWAY + "\n" + platform("a") + "\n" + platform("b", "batchmax = 5") + "\n" + LINK
+    path.write_text(text, encoding="utf-8")
+    assert cli.main(["check-config", str(path)]) == 2
+    out = capsys.readouterr()
+    assert "ok" not in out.out
+    assert f"{path}:{line_of(text, 'batchmax')}: platforms.b.batchmax" in out.err
+    assert "config error" in out.err
+
+
+def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "nope.toml"
+    assert cli.main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "cannot read" in err
