@@ -114,8 +114,10 @@ class Adapter(abc.ABC):
     """Base of every platform adapter.
 
     Subclasses set ``kind``, ``Config`` (a msgspec Struct with
-    ``forbid_unknown_fields=True``) and ``capabilities``, and register under
-    the ``civic_gateway.adapters`` entry-point group by kind.
+    ``forbid_unknown_fields=True``; a check in its ``__post_init__`` raises
+    ``ValueError("`key`: what is wrong")`` so the error names the key and its
+    line) and ``capabilities``, and register under the
+    ``civic_gateway.adapters`` entry-point group by kind.
     """
 
     kind: ClassVar[str]

@@ -149,6 +149,10 @@ def _convert(value: Any, typ: type, cfg_path: str, text: str, prefix: list[str |
         if m3:
             sub.append(m3.group(1))
             msg = "required key is missing"
+        m4 = re.match(r"`([A-Za-z0-9_-]+)`: (.+)", msg)  # a check in a Config's __post_init__
+        if m4:
+            sub.append(m4.group(1))
+            msg = m4.group(2)
         raise _error(cfg_path, text, prefix + sub, msg) from None
 
 

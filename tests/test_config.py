@@ -100,10 +100,6 @@ def test_bad_webhook_secret_is_refused_with_the_reason(secret: str, reason: str)
     assert msg.startswith("civic.toml:")
 
 
-@pytest.mark.xfail(reason="BUG: a bad webhook secret (ValueError in WebhookConfig.__post_init__) is reported as "
-                          "'platforms.a: ...' at the [platforms.a] header line, not as 'platforms.a.secret' at "
-                          "the line of `secret` (adapters/webhook/config.py promises an error naming `secret`)",
-                   strict=True)
 @pytest.mark.parametrize(("secret", "reason"), BAD_SECRETS)
 def test_bad_webhook_secret_names_the_secret_key_and_its_line(secret: str, reason: str) -> None:
     text = GATEWAY + "\n" + platform("a", secret=secret) + "\n" + platform("b") + "\n" + LINK

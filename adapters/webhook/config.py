@@ -26,4 +26,7 @@ class WebhookConfig(Struct, forbid_unknown_fields=True, kw_only=True, dict=True)
     """Most open connections to the site."""
 
     def __post_init__(self) -> None:
-        self.key = secret_key(self.secret)  # ValueError -> a config error naming `secret`
+        try:
+            self.key = secret_key(self.secret)
+        except ValueError as exc:
+            raise ValueError(f"`secret`: {exc}") from None  # the core names the key and its line
