@@ -106,7 +106,7 @@ class Pipeline:
         acting = _acting_actor(p)
         acting_c: CanonicalId | None = None
         if acting is not None:
-            acting_c, how = self._actor_from(tx, source, acting)
+            acting_c, how, _ = self._actor_from(tx, source, acting)
             if how != ids.ORIGIN:
                 return Outcome("dropped", "echo")
         handler = getattr(self, "_in_" + ev.type.replace("civic.", "").replace(".", "_"))
@@ -122,7 +122,7 @@ class Pipeline:
         degraded: list[str] = []
         reply = self._message_from(tx, source, p.reply_to, degraded, "reply_unknown")
         thread = self._message_from(tx, source, p.thread, degraded, "thread_unknown")
-        mentions = [(self._actor_from(tx, source, m)[0], m) for m in p.mentions]
+        mentions = [self._actor_ref(tx, source, m) for m in p.mentions]
         canon = replace(p, id=c, reply_to=reply, thread=thread)
 
         def build(tx: Tx, route: Route, pending: list[str]) -> Message:
@@ -146,7 +146,7 @@ class Pipeline:
             return Outcome("dropped", "unknown_message")
         reply = self._message_from(tx, source, p.reply_to, degraded, "reply_unknown")
         thread = self._message_from(tx, source, p.thread, degraded, "thread_unknown")
-        mentions = [(self._actor_from(tx, source, m)[0], m) for m in p.mentions]
+        mentions = [self._actor_ref(tx, source, m) for m in p.mentions]
 
         def build(tx: Tx, route: Route, pending: list[str]) -> Message:
             t = route.target
@@ -202,16 +202,16 @@ class Pipeline:
 
     def _in_membership_changed(self, tx: Tx, ev: Inbound, source: GroupRef, routes: list[Route],
                                p: Membership, acting: CanonicalId, now: float) -> Outcome:
-        member = self._actor_from(tx, source, p.member)[0]
-        by = self._actor_from(tx, source, p.by)[0] if p.by else None
+        member, member_actor = self._actor_ref(tx, source, p.member)
+        by, by_actor = self._actor_ref(tx, source, p.by) if p.by else (None, None)
         tx.set_membership(source.platform, source.group, member, p.state, p.role, now)
         if p.state in ("kicked", "banned", "unbanned"):
             self._moderate(tx, ev, source, p.state, member, p.member, p.by, p.reason, None, now)
 
         def build(tx: Tx, route: Route, pending: list[str]) -> Membership:
             t = route.target
-            return replace(p, member=self._actor_to(tx, member, p.member, t),
-                           by=self._actor_to(tx, by, p.by, t) if p.by and by else None)
+            return replace(p, member=self._actor_to(tx, member, member_actor, t),
+                           by=self._actor_to(tx, by, by_actor, t) if by and by_actor else None)
 
         return self._fan_out(tx, ev, routes, build, now, None, [])
 
@@ -220,14 +220,14 @@ class Pipeline:
         msg = self._message_from(tx, source, p.message, [], "")
         if p.message is not None and msg is None:
             return Outcome("dropped", "unknown_message")
-        member = self._actor_from(tx, source, p.member)[0] if p.member else None
+        member, member_actor = self._actor_ref(tx, source, p.member) if p.member else (None, None)
         subject = msg or member or ""
         self._moderate(tx, ev, source, p.action, subject, p.member, p.by, p.reason, p.category, now)
 
         def build(tx: Tx, route: Route, pending: list[str]) -> ModerationAction | Report:
             t = route.target
             out = replace(p, message=self._message_to(tx, msg, t, pending) if msg else None,
-                          member=self._actor_to(tx, member, p.member, t) if member and p.member else None,
+                          member=self._actor_to(tx, member, member_actor, t) if member and member_actor else None,
                           by=self._actor_to(tx, by, p.by, t) if by and p.by else None)
             if route.link.moderation == "advise":
                 return Report(category=p.category or "other", message=out.message, member=out.member,
@@ -240,12 +240,12 @@ class Pipeline:
     def _in_report_filed(self, tx: Tx, ev: Inbound, source: GroupRef, routes: list[Route], p: Report,
                          reporter: CanonicalId | None, now: float) -> Outcome:
         msg = self._message_from(tx, source, p.message, [], "")
-        member = self._actor_from(tx, source, p.member)[0] if p.member else None
+        member, member_actor = self._actor_ref(tx, source, p.member) if p.member else (None, None)
 
         def build(tx: Tx, route: Route, pending: list[str]) -> Report:
             t = route.target
             out_msg = self._message_to(tx, msg, t, pending, optional=True, degraded=[]) if msg else None
-            out_member = self._actor_to(tx, member, p.member, t) if member and p.member else None
+            out_member = self._actor_to(tx, member, member_actor, t) if member and member_actor else None
             if out_msg is None and out_member is None:
                 raise _Skip("report_target_unknown")
             # A reporter crosses only if they chose to be identified.
@@ -257,21 +257,26 @@ class Pipeline:
 
     def _in_profile_updated(self, tx: Tx, ev: Inbound, source: GroupRef, routes: list[Route],
                             p: ProfileUpdate, actor: CanonicalId, now: float) -> Outcome:
+        for aka in p.also_known_as:  # the new account's half of a move
+            tx.declare_alias(source.platform, p.actor.id, aka.platform, aka.id, now)
         if p.actor.identity == "anonymous":
             return Outcome("dropped", "anonymous")  # nothing of them crosses a link
 
         def build(tx: Tx, route: Route, pending: list[str]) -> ProfileUpdate:
-            return replace(p, actor=self._actor_to(tx, actor, p.actor, route.target))
+            return ProfileUpdate(actor=self._actor_to(tx, actor, p.actor, route.target))
 
         return self._fan_out(tx, ev, routes, build, now, actor, [])
 
     def _in_account_moved(self, tx: Tx, ev: Inbound, source: GroupRef, routes: list[Route],
                           p: AccountMove, actor: CanonicalId, now: float) -> Outcome:
-        # The new account is the same person: map it to the same canonical id,
-        # so their memberships and messages follow them.
-        if p.target.platform in self.capabilities:
-            tx.map(PlatformName(p.target.platform), "", ACTOR, p.target.id, actor, ids.ORIGIN)
-            self._actor_out.clear()
+        target = PlatformName(p.target.platform)
+        if target not in self.capabilities or not tx.has_alias(target, p.target.id, source.platform, p.actor.id):
+            return Outcome("dropped", "move_unconfirmed")
+        # The new account is the same person from now on: their memberships,
+        # bans and messages follow them.
+        tx.remap(target, "", ACTOR, p.target.id, actor)
+        self._actor_in.clear()
+        self._actor_out.clear()
         if p.actor.identity == "anonymous":
             return Outcome("accepted")
 
@@ -324,43 +329,53 @@ class Pipeline:
                 else:
                     self.bans.discard(key)
 
-    def _actor_from(self, tx: Tx, source: GroupRef, actor: Actor) -> tuple[CanonicalId, int]:
-        """Canonical id of a person as the source platform names them (new ones get one)."""
+    def _actor_ref(self, tx: Tx, source: GroupRef, actor: Actor) -> tuple[CanonicalId, Actor]:
+        c, _how, actor = self._actor_from(tx, source, actor)
+        return c, actor
+
+    def _actor_from(self, tx: Tx, source: GroupRef, actor: Actor) -> tuple[CanonicalId, int, Actor]:
+        """Canonical id of a person as the source platform names them (new ones
+        get one), how the platform came by that id, and the person as they may
+        be shown: someone known to the source only by an anonymous stand-in
+        stays anonymous, whatever the event claims."""
         key = (source.platform, actor.id)
         hit = self._actor_in.get(key)
         if hit is not None:
-            return hit
+            return hit[0], hit[1], actor
         hit = tx.lookup(source.platform, "", ACTOR, actor.id)
         if hit is None and actor.id.startswith("anon_"):
             hit = tx.lookup(source.platform, source.group, ACTOR, actor.id)
-            if hit is not None:
-                return hit  # per-group stand-ins are not cached by platform
+            if hit is not None:  # per-group stand-ins are not cached by platform
+                return hit[0], hit[1], Actor(id=actor.id, identity="anonymous")
         if hit is None:
             hit = (ids.new_actor_id(), ids.ORIGIN)
             tx.map(source.platform, "", ACTOR, actor.id, hit[0], ids.ORIGIN)
         if len(self._actor_in) > ACTOR_CACHE_MAX:
             self._actor_in.clear()
         self._actor_in[key] = hit
-        return hit
+        return hit[0], hit[1], actor
 
     def _actor_to(self, tx: Tx, c: CanonicalId, actor: Actor, target: GroupRef) -> Actor:
         """How a person appears on the target: their own account there if they
-        have one, else a stand-in that shows no more than their identity level."""
+        have one, else a stand-in that shows no more than their identity level
+        (an anonymous person gets a different, unlinkable stand-in per group)."""
+        key = (c, target.platform)
+        own = self._actor_out.get(key)
+        if own is None:
+            own = tx.native_for(c, target.platform, "", ACTOR) or ("", ids.SENT)
+            if len(self._actor_out) > ACTOR_CACHE_MAX:
+                self._actor_out.clear()
+            self._actor_out[key] = own
+        if own[1] != ids.SENT:
+            return Actor(id=own[0], name=actor.name, identity=actor.identity)
         if actor.identity == "anonymous":
             digest = hmac.new(self._ghost_key, f"{c}|{target.platform}|{target.group}".encode(), hashlib.sha256)
             ghost = "anon_" + digest.hexdigest()[:24]
             tx.map(target.platform, target.group, ACTOR, ghost, c, ids.SENT)
             return Actor(id=ghost, identity="anonymous")
-        key = (c, target.platform)
-        own = self._actor_out.get(key)
-        if own is None:
-            own = tx.native_for(c, target.platform, "", ACTOR)
-            if own is None:
-                tx.map(target.platform, "", ACTOR, c, c, ids.SENT)
-                own = (c, ids.SENT)
-            if len(self._actor_out) > ACTOR_CACHE_MAX:
-                self._actor_out.clear()
-            self._actor_out[key] = own
+        if not own[0]:
+            tx.map(target.platform, "", ACTOR, c, c, ids.SENT)
+            own = self._actor_out[key] = (c, ids.SENT)
         return Actor(id=own[0], name=actor.name, identity=actor.identity)
 
     @staticmethod

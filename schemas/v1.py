@@ -155,23 +155,35 @@ class Report(Struct, frozen=True, omit_defaults=True):
     reporter: Actor | None = None
 
 
-class ProfileUpdate(Struct, frozen=True, omit_defaults=True):
-    """Payload of civic.profile.updated: a person changed name or identity level."""
+class AccountRef(Struct, frozen=True, omit_defaults=True):
+    """An account on a platform linked through the gateway (``platform`` is the
+    gateway operator's name for it, as in the config)."""
 
-    actor: Actor
-
-
-class MoveTarget(Struct, frozen=True, omit_defaults=True):
     platform: Annotated[str, Meta(min_length=1, max_length=64)]
     id: Id
     name: Name | None = None
 
 
-class AccountMove(Struct, frozen=True, omit_defaults=True):
-    """Payload of civic.account.moved: ``actor`` now lives at ``target``."""
+class ProfileUpdate(Struct, frozen=True, omit_defaults=True):
+    """Payload of civic.profile.updated: a person changed name or identity level.
+
+    ``also_known_as`` names the person's older accounts on other platforms: it
+    is the new account's half of a move (like ActivityPub's ``alsoKnownAs``),
+    and a civic.account.moved takes effect only after it."""
 
     actor: Actor
-    target: MoveTarget
+    also_known_as: Annotated[tuple[AccountRef, ...], Meta(max_length=16)] = ()
+
+
+class AccountMove(Struct, frozen=True, omit_defaults=True):
+    """Payload of civic.account.moved: ``actor`` now lives at ``target``.
+
+    Takes effect only if the target account first declared the actor's account
+    in its ``also_known_as`` (civic.profile.updated), so that no site can claim
+    another platform's account for one of its own people."""
+
+    actor: Actor
+    target: AccountRef
 
 
 Payload = Message | MessageDeletion | Reaction | Membership | ModerationAction | Report | ProfileUpdate | AccountMove
@@ -227,7 +239,7 @@ __all__ = [
     "ModerationAction",
     "Report",
     "ProfileUpdate",
-    "MoveTarget",
+    "AccountRef",
     "AccountMove",
     "Payload",
     "EVENT_TYPES",

@@ -234,10 +234,6 @@ async def test_ban_of_an_anonymous_stand_in_stops_that_person(net3: Net) -> None
     assert "anon 2" not in texts(b) and "anon 2" not in texts(c)
 
 
-@pytest.mark.xfail(reason="BUG: a moderation action naming an anonymous stand-in without repeating "
-                          "identity='anonymous' (the schema default is pseudonymous) is relayed to other groups with "
-                          "the person's canonical cga_ id instead of that group's anon_ stand-in: linkable, and the "
-                          "target cannot tell who was kicked", strict=True)
 async def test_an_action_on_an_anonymous_stand_in_names_each_groups_own_stand_in(net3: Net) -> None:
     a, b, c = (net3.sites[n] for n in "abc")
     sa, sb = net3.senders["a"], net3.senders["b"]
@@ -298,6 +294,9 @@ async def test_a_moved_account_is_the_same_person_and_shown_by_its_own_id(net3: 
     before_c = (await arrived(c, "before moving"))["author"]
     assert before_b["id"] != "X-on-b"
 
+    # the new account declares the old one first (its half of the move)
+    await send(sb, "civic.profile.updated", "g-b",
+               {"actor": person("X-on-b", "Alice"), "also_known_as": [{"platform": "a", "id": "alice"}]})
     await send(sa, "civic.account.moved", "g-a",
                {"actor": alice, "target": {"platform": "b", "id": "X-on-b", "name": "Alice"}})
     await wait_for(lambda: b.of_type("civic.account.moved") and c.of_type("civic.account.moved"), what="move")
@@ -329,9 +328,6 @@ async def test_an_anonymous_account_move_is_not_relayed_and_keeps_anonymity(net3
     assert b.of_type("civic.account.moved") == [] and c.of_type("civic.account.moved") == []
 
 
-@pytest.mark.xfail(reason="BUG: Pipeline._in_account_moved records the new account with tx.map (INSERT OR IGNORE); "
-                          "when the gateway already mapped that account (it posted before) the move is silently "
-                          "ignored and the person keeps a gateway stand-in on b", strict=True)
 async def test_a_move_to_an_account_the_gateway_already_knows_takes_effect(net3: Net) -> None:
     """The usual case: the new account already exists on b and has posted in
     the linked group before the person moves to it."""
@@ -342,9 +338,30 @@ async def test_a_move_to_an_account_the_gateway_already_knows_takes_effect(net3:
     alice = person("alice", "Alice", "pseudonymous")
     await post(sa, "g-a", alice, "old account")
     await arrived(b, "old account")
+    await send(sb, "civic.profile.updated", "g-b",
+               {"actor": person("X-on-b", "Alice (new)"), "also_known_as": [{"platform": "a", "id": "alice"}]})
     await send(sa, "civic.account.moved", "g-a", {"actor": alice, "target": {"platform": "b", "id": "X-on-b"}})
     await post(sa, "g-a", alice, "after the move")
     assert (await arrived(b, "after the move"))["author"]["id"] == "X-on-b"
+
+
+async def test_a_move_the_target_account_did_not_confirm_has_no_effect(net3: Net) -> None:
+    """A site cannot claim another platform's account for one of its people:
+    without the target's also_known_as the move is refused and not relayed."""
+    b, c = net3.sites["b"], net3.sites["c"]
+    sa, sb = net3.senders["a"], net3.senders["b"]
+    await post(sb, "g-b", person("victim-on-b", "Vic"), "I am Vic")
+    await arrived(c, "I am Vic")
+    mallory = person("mallory", "Mallory")
+    await send(sa, "civic.account.moved", "g-a", {"actor": mallory, "target": {"platform": "b", "id": "victim-on-b"}})
+    await post(sa, "g-a", mallory, "mallory speaking")
+    assert (await arrived(b, "mallory speaking"))["author"]["id"] != "victim-on-b"
+    assert b.of_type("civic.account.moved") == [] and c.of_type("civic.account.moved") == []
+    assert dropped(net3, "a", "move_unconfirmed") == 1
+    # Vic's own messages still reach c as Vic, not as Mallory's stand-in
+    await post(sb, "g-b", person("victim-on-b", "Vic"), "still me")
+    on_c = (await arrived(c, "still me"))["author"]
+    assert on_c["name"] == "Vic" and on_c["id"] == (await arrived(c, "I am Vic"))["author"]["id"]
 
 
 async def restart(net: Net) -> None:

@@ -95,6 +95,15 @@ class Tx(Protocol):
 
     def set_ban(self, link: LinkName, actor: CanonicalId, banned: bool, now: float) -> None: ...
 
+    def remap(self, platform: PlatformName, grp: str, kind: str, native: str, canonical: CanonicalId) -> None:
+        """Point a native id at another canonical id (an account move), as the platform's own id."""
+
+    def declare_alias(self, platform: PlatformName, native: str, aka_platform: str, aka_native: str,
+                      now: float) -> None:
+        """Record that an account says it is also another account."""
+
+    def has_alias(self, platform: PlatformName, native: str, aka_platform: str, aka_native: str) -> bool: ...
+
 
 class Store(abc.ABC):
     """Durable state. Implementations: ``gateway.store.sqlite.SqliteStore``."""

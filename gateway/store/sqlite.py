@@ -101,6 +101,21 @@ class SqliteTx:
             self.c.execute("DELETE FROM bans WHERE link = ? AND actor = ?", (link, actor))
 
 
+    def remap(self, platform: PlatformName, grp: str, kind: str, native: str, canonical: CanonicalId) -> None:
+        self.c.execute("INSERT INTO id_map (platform, grp, kind, native, canonical, sent) VALUES (?, ?, ?, ?, ?, 0)"
+                       " ON CONFLICT (platform, grp, kind, native) DO UPDATE SET canonical = excluded.canonical,"
+                       " sent = 0", (platform, grp, kind, native, canonical))
+
+    def declare_alias(self, platform: PlatformName, native: str, aka_platform: str, aka_native: str,
+                      now: float) -> None:
+        self.c.execute("INSERT OR IGNORE INTO aliases (platform, native, aka_platform, aka_native, declared)"
+                       " VALUES (?, ?, ?, ?, ?)", (platform, native, aka_platform, aka_native, now))
+
+    def has_alias(self, platform: PlatformName, native: str, aka_platform: str, aka_native: str) -> bool:
+        return self.c.execute("SELECT 1 FROM aliases WHERE platform = ? AND native = ? AND aka_platform = ?"
+                              " AND aka_native = ?", (platform, native, aka_platform, aka_native)).fetchone() is not None
+
+
 class _Job:
     __slots__ = ("fn", "future")
 
