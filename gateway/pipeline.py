@@ -115,10 +115,9 @@ class Pipeline:
     # each _in_* returns the Outcome for one event type ---------------------------
     def _in_message_created(self, tx: Tx, ev: Inbound, source: GroupRef, routes: list[Route], p: Message,
                             author: CanonicalId, now: float) -> Outcome:
-        if tx.lookup(source.platform, source.group, MESSAGE, p.id) is not None:
-            return Outcome("dropped", "echo")
         c = ids.new_message_id()
-        tx.map(source.platform, source.group, MESSAGE, p.id, c, ids.ORIGIN)
+        if not tx.map(source.platform, source.group, MESSAGE, p.id, c, ids.ORIGIN):
+            return Outcome("dropped", "echo")  # the gateway knows this id: it made the message there
         degraded: list[str] = []
         reply = self._message_from(tx, source, p.reply_to, degraded, "reply_unknown")
         thread = self._message_from(tx, source, p.thread, degraded, "thread_unknown")

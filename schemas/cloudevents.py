@@ -108,6 +108,9 @@ batch_decoder = msgspec.json.Decoder(CloudEventBatch)
 encoder = msgspec.json.Encoder()
 
 
+_TYPE_OF: dict[type, str] = {cls: name for name, cls in BY_TYPE.items()}
+
+
 def event_type(event: CloudEventBase) -> str:
     """The ``type`` attribute of an event object."""
-    return event.__struct_config__.tag  # type: ignore[return-value]
+    return _TYPE_OF[type(event)]

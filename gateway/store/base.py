@@ -81,8 +81,8 @@ class Tx(Protocol):
     def native_for(self, canonical: CanonicalId, platform: PlatformName, grp: str, kind: str) -> tuple[NativeId, int] | None:
         """The platform's id for a canonical id, best first (ORIGIN, then COPY, then SENT), and how."""
 
-    def map(self, platform: PlatformName, grp: str, kind: str, native: str, canonical: CanonicalId, how: int) -> None:
-        """Record a mapping; an existing one for the same native id is kept."""
+    def map(self, platform: PlatformName, grp: str, kind: str, native: str, canonical: CanonicalId, how: int) -> bool:
+        """Record a mapping; an existing one for the same native id is kept (and False returned)."""
 
     def enqueue(self, target: GroupRef, event_id: EventId, type: str, origin: PlatformName,
                 created: float, pending: str | None, body: bytes) -> int:
