@@ -425,5 +425,14 @@ class SqliteStore(Store):
         return await self._submit(run)
 
     async def prune_processed(self, older_than: float) -> int:
-        return await self._submit(lambda tx: tx.c.execute("DELETE FROM processed WHERE seen < ?",
-                                                          (older_than,)).rowcount)
+        # Rows arrive in time order, so the oldest have the lowest rowids: delete
+        # in small steps from the start of the table (no index on ``seen`` to
+        # maintain on every insert, and no long transaction on the loop).
+        total = 0
+        while True:
+            n = await self._submit(lambda tx: tx.c.execute(
+                "DELETE FROM processed WHERE rowid IN (SELECT rowid FROM processed WHERE seen < ?"
+                " ORDER BY rowid LIMIT 2000)", (older_than,)).rowcount)
+            total += n
+            if n < 2000:
+                return total

@@ -7,7 +7,6 @@ CREATE TABLE processed (
     seen     DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (platform, event_id)
 );
-CREATE INDEX processed_seen ON processed (seen);
 
 -- Id mapping: a native id on one platform (messages: within one group; people:
 -- grp = '' except anonymous stand-ins, which are per group) <-> canonical id.
@@ -29,7 +28,7 @@ CREATE TABLE outbox (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,
     platform TEXT NOT NULL,
     grp      TEXT NOT NULL,
-    event_id TEXT NOT NULL UNIQUE,
+    event_id TEXT NOT NULL,
     type     TEXT NOT NULL,
     origin   TEXT NOT NULL,
     created  DOUBLE PRECISION NOT NULL,
