@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
@@ -41,6 +43,7 @@ log = logging.getLogger("civic.store")
 
 MAX_JOBS_PER_COMMIT = 512
 CHECKPOINT_INTERVAL = 0.5
+WAL_TRUNCATE_BYTES = 32 * 1024 * 1024
 _OUTBOX_COLS = "seq, platform, grp, event_id, type, origin, created, pending, body"
 
 
@@ -172,6 +175,7 @@ class SqliteStore(Store):
             conn = self._connect()
             self._migrate(conn)
             conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer thread does it
+            conn.execute("PRAGMA busy_timeout = 0")  # never wait on the loop; _flush retries
             self._conn, self._tx = conn, SqliteTx(conn)
             self._stop_checkpoints.clear()
             self._checkpointer = threading.Thread(target=self._checkpoints, name="civic-sqlite-checkpoint",
@@ -202,13 +206,23 @@ class SqliteStore(Store):
         self._thread = None
 
     def _checkpoints(self) -> None:
-        """Copy the WAL back into the database file now and then, off the loop."""
+        """Copy the WAL back into the database file now and then, off the loop.
+
+        PASSIVE checkpoints never block the writer, but under steady writes
+        they rarely catch up at the moment a write begins, which is when
+        SQLite starts the WAL over, so the WAL would grow without end. Past
+        ``WAL_TRUNCATE_BYTES`` a TRUNCATE checkpoint takes the write lock for
+        the time of one sync; the loop does not wait for it (see ``_flush``)."""
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 0")
+        wal = self.path + "-wal"
         try:
             while not self._stop_checkpoints.wait(CHECKPOINT_INTERVAL):
                 try:
+                    conn.execute("PRAGMA busy_timeout = 0")
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if os.path.exists(wal) and os.path.getsize(wal) > WAL_TRUNCATE_BYTES:
+                        conn.execute("PRAGMA busy_timeout = 1000")
+                        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
                 except sqlite3.Error as exc:  # busy now; the next round catches up
                     log.debug("checkpoint skipped: %s", exc)
         finally:
@@ -264,7 +278,13 @@ class SqliteStore(Store):
                     stop = True
                     break
                 batch.append(nxt)
-            results = self._run_batch(conn, tx, batch)
+            while True:
+                try:
+                    results = self._run_batch(conn, tx, batch)
+                    break
+                except sqlite3.OperationalError as exc:  # locked past busy_timeout: wait and retry
+                    log.warning("store busy (%s); retrying", exc)
+                    time.sleep(0.01)
             self._finished += len(batch)
             loop.call_soon_threadsafe(_settle, results)
         conn.close()
@@ -272,8 +292,8 @@ class SqliteStore(Store):
     def _run_batch(self, conn: sqlite3.Connection, tx: SqliteTx,
                    batch: list[_Job]) -> list[tuple[asyncio.Future[Any], bool, Any]]:
         results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")  # sqlite3.OperationalError if busy: the caller retries
         try:
-            conn.execute("BEGIN IMMEDIATE")
             for job in batch:
                 conn.execute("SAVEPOINT job")
                 try:
@@ -320,8 +340,18 @@ class SqliteStore(Store):
         self._flush_scheduled = False
         assert self._conn is not None and self._tx is not None
         while self._pending:
-            batch, self._pending = self._pending[:MAX_JOBS_PER_COMMIT], self._pending[MAX_JOBS_PER_COMMIT:]
-            _settle(self._run_batch(self._conn, self._tx, batch))
+            batch = self._pending[:MAX_JOBS_PER_COMMIT]
+            try:
+                results = self._run_batch(self._conn, self._tx, batch)
+            except sqlite3.OperationalError:
+                # The checkpointer holds the write lock for a moment (a
+                # TRUNCATE checkpoint): try again soon rather than block the loop.
+                if self._loop is not None and not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    self._loop.call_later(0.002, self._flush)
+                return
+            del self._pending[:len(batch)]
+            _settle(results)
 
     async def transact(self, fn: Callable[[SqliteTx], T]) -> T:  # type: ignore[override]
         return await self._submit(fn)
