@@ -298,7 +298,7 @@ class SqliteStore(Store):
                 conn.execute("SAVEPOINT job")
                 try:
                     value = job.fn(tx)
-                except Exception as exc:
+                except BaseException as exc:  # whatever it raised is its caller's, not the batch's
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                     results.append((job.future, False, exc))
@@ -307,7 +307,7 @@ class SqliteStore(Store):
                     results.append((job.future, True, value))
             conn.execute("COMMIT")
             self.commits += 1
-        except Exception as exc:  # the commit itself failed (disk full, I/O error)
+        except BaseException as exc:  # the commit itself failed (disk full, I/O error)
             log.error("store transaction failed: %s", exc)
             try:
                 conn.execute("ROLLBACK")

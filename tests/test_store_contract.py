@@ -1,0 +1,544 @@
+"""The store contract (STYLE.md point 9): one suite, run over every backend.
+
+Every test talks to the public ``Store`` / ``Tx`` interface only. To add a
+backend (PostgreSQL), add an entry to ``BACKENDS``: how to make a store over
+fresh (or the same, for reopening) storage, and how to read a membership row
+(``Store`` has no reader for memberships, so that one probe is per backend).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from gateway import ids
+from gateway.ids import ACTOR, MESSAGE, CanonicalId, EventId, GroupId, GroupRef, LinkName, PlatformName
+from gateway.store.base import Mapping, ModerationEntry, OutboxItem, Store, Tx
+from gateway.store.sqlite import SqliteStore, migrations
+
+P = PlatformName
+C = CanonicalId
+E = EventId
+
+
+def G(platform: str, group: str) -> GroupRef:
+    return GroupRef(PlatformName(platform), GroupId(group))
+
+
+# -- backends -------------------------------------------------------------------------
+
+def _sqlite_membership(tx: Any, platform: str, grp: str, actor: str) -> tuple[str, str | None] | None:
+    row = tx.c.execute("SELECT state, role FROM memberships WHERE platform = ? AND grp = ? AND actor = ?",
+                       (platform, grp, actor)).fetchone()
+    return (row[0], row[1]) if row else None
+
+
+@dataclass(frozen=True)
+class Backend:
+    make: Callable[[Path], Store]
+    """A new, unopened store over the storage belonging to one test (same storage on every call)."""
+    membership: Callable[[Any, str, str, str], tuple[str, str | None] | None]
+    """Read (state, role) of a membership inside a transaction."""
+
+
+BACKENDS: dict[str, Backend] = {
+    "sqlite-inline": Backend(lambda d: SqliteStore(str(d / "s.db"), synchronous="normal"), _sqlite_membership),
+    "sqlite-thread": Backend(lambda d: SqliteStore(str(d / "s.db"), synchronous="full"), _sqlite_membership),
+}
+
+
+@pytest.fixture
+def opened() -> list[Store]:
+    """Stores a test opened and has not closed yet (closed at teardown)."""
+    return []
+
+
+@pytest.fixture(params=list(BACKENDS))
+async def store(request: pytest.FixtureRequest, tmp_path: Path, opened: list[Store]) -> AsyncIterator[Store]:
+    s = BACKENDS[request.param].make(tmp_path)
+    await s.open()
+    opened.append(s)
+    try:
+        yield s
+    finally:
+        while opened:
+            await opened.pop().close()
+
+
+@pytest.fixture
+def backend_name(request: pytest.FixtureRequest, store: Store) -> str:
+    return str(request.node.callspec.params["store"])
+
+
+@pytest.fixture
+def backend(backend_name: str) -> Backend:
+    return BACKENDS[backend_name]
+
+
+@pytest.fixture
+def reopen(backend: Backend, tmp_path: Path, opened: list[Store]) -> Callable[[Store | None], Awaitable[Store]]:
+    """``await reopen(old)``: close ``old`` (unless None) and open a new store over the same data."""
+
+    async def run(old: Store | None) -> Store:
+        if old is not None:
+            opened.remove(old)
+            await old.close()
+        s = backend.make(tmp_path)
+        await s.open()
+        opened.append(s)
+        return s
+
+    return run
+
+
+async def enqueue(store: Store, target: GroupRef, n: int = 1, *, origin: str = "src",
+                  pending: str | None = None) -> list[int]:
+    def run(tx: Tx) -> list[int]:
+        return [tx.enqueue(target, ids.new_event_id(), "civic.message.created", P(origin),
+                           1000.0 + i, pending, f"body-{i}".encode()) for i in range(n)]
+    return await store.transact(run)
+
+
+# -- migrations and durability -----------------------------------------------------------
+
+def test_migrations_numbered_in_order() -> None:
+    versions = [v for v, _ in migrations()]
+    assert versions == list(range(1, len(versions) + 1)) and len(versions) >= 2
+
+
+async def test_migrations_idempotent_and_data_survives_reopen(store: Store, reopen: Any) -> None:
+    await store.transact(lambda tx: tx.map(P("a"), "g", MESSAGE, "n1", C("c1"), ids.ORIGIN))
+    await store.transact(lambda tx: tx.first_seen(P("a"), E("e1"), 1.0))
+    seq = (await enqueue(store, G("b", "g")))[0]
+    value = await store.setting("k", lambda: "v1")
+
+    s2 = await reopen(store)  # migrations run again: must skip what is applied
+    assert await s2.transact(lambda tx: tx.lookup(P("a"), "g", MESSAGE, "n1")) == (C("c1"), ids.ORIGIN)
+    assert await s2.transact(lambda tx: tx.first_seen(P("a"), E("e1"), 2.0)) is False
+    assert [i.seq for i in await s2.outbox_page(G("b", "g"), 0, 10)] == [seq]
+    assert await s2.setting("k", lambda: "other") == value
+    await s2.transact(lambda tx: tx.map(P("a"), "g", MESSAGE, "n2", C("c2"), ids.COPY))
+
+    s3 = await reopen(s2)
+    assert await s3.transact(lambda tx: tx.lookup(P("a"), "g", MESSAGE, "n2")) == (C("c2"), ids.COPY)
+    assert [i.seq for i in await s3.outbox_page(G("b", "g"), 0, 10)] == [seq]
+
+
+async def test_transact_is_committed_when_it_returns(store: Store, reopen: Any) -> None:
+    """A second store over the same data (while the first stays open) sees the write."""
+    await store.transact(lambda tx: tx.map(P("a"), "g", MESSAGE, "n", C("c"), ids.ORIGIN))
+    other = await reopen(None)
+    assert await other.transact(lambda tx: tx.lookup(P("a"), "g", MESSAGE, "n")) == (C("c"), ids.ORIGIN)
+
+
+# -- Tx: dedup, id map, aliases --------------------------------------------------------------
+
+async def test_first_seen_per_platform(store: Store) -> None:
+    def run(tx: Tx) -> list[bool]:
+        return [tx.first_seen(P("a"), E("e"), 1.0), tx.first_seen(P("a"), E("e"), 2.0),
+                tx.first_seen(P("b"), E("e"), 1.0), tx.first_seen(P("a"), E("f"), 1.0)]
+    assert await store.transact(run) == [True, False, True, True]
+    assert await store.transact(lambda tx: tx.first_seen(P("a"), E("e"), 3.0)) is False
+    assert await store.transact(lambda tx: tx.first_seen(P("b"), E("f"), 3.0)) is True
+
+
+async def test_map_and_lookup(store: Store) -> None:
+    def run(tx: Tx) -> list[Any]:
+        return [tx.map(P("a"), "g", MESSAGE, "n", C("c1"), ids.SENT),
+                tx.map(P("a"), "g", MESSAGE, "n", C("c2"), ids.ORIGIN),
+                tx.lookup(P("a"), "g", MESSAGE, "n"),
+                tx.lookup(P("a"), "g", MESSAGE, "missing"),
+                tx.lookup(P("a"), "g", ACTOR, "n"),
+                tx.lookup(P("b"), "g", MESSAGE, "n")]
+    assert await store.transact(run) == [True, False, (C("c1"), ids.SENT), None, None, None]
+    # in a later transaction too: the old row is kept
+    assert await store.transact(lambda tx: tx.map(P("a"), "g", MESSAGE, "n", C("c3"), ids.COPY)) is False
+    assert await store.transact(lambda tx: tx.lookup(P("a"), "g", MESSAGE, "n")) == (C("c1"), ids.SENT)
+    assert await store.transact(lambda tx: tx.native_for(C("c2"), P("a"), "g", MESSAGE)) is None
+
+
+async def test_map_is_scoped_by_group_and_kind(store: Store) -> None:
+    def run(tx: Tx) -> list[Any]:
+        return [tx.map(P("a"), "g1", MESSAGE, "n", C("c1"), ids.ORIGIN),
+                tx.map(P("a"), "g2", MESSAGE, "n", C("c2"), ids.ORIGIN),
+                tx.map(P("a"), "", ACTOR, "n", C("c3"), ids.ORIGIN)]
+    assert await store.transact(run) == [True, True, True]
+
+    def read(tx: Tx) -> list[Any]:
+        return [tx.lookup(P("a"), "g1", MESSAGE, "n"), tx.lookup(P("a"), "g2", MESSAGE, "n"),
+                tx.lookup(P("a"), "", ACTOR, "n"), tx.lookup(P("a"), "", MESSAGE, "n"),
+                tx.native_for(C("c1"), P("a"), "g2", MESSAGE), tx.native_for(C("c2"), P("a"), "g2", MESSAGE)]
+    assert await store.transact(read) == [(C("c1"), ids.ORIGIN), (C("c2"), ids.ORIGIN), (C("c3"), ids.ORIGIN),
+                                          None, None, ("n", ids.ORIGIN)]
+
+
+async def test_native_for_prefers_origin_then_copy_then_sent(store: Store) -> None:
+    assert (ids.ORIGIN, ids.COPY, ids.SENT) == (0, 1, 2)
+
+    def run(tx: Tx) -> None:
+        c = C("c")
+        # inserted worst first, so insertion order cannot explain the answer
+        for grp, hows in (("g3", (ids.SENT, ids.COPY, ids.ORIGIN)), ("g2", (ids.SENT, ids.COPY)), ("g1", (ids.SENT,))):
+            for how in hows:
+                assert tx.map(P("a"), grp, MESSAGE, f"{grp}-{how}", c, how)
+
+    await store.transact(run)
+
+    def read(tx: Tx) -> list[Any]:
+        return [tx.native_for(C("c"), P("a"), g, MESSAGE) for g in ("g3", "g2", "g1", "g0")]
+    assert await store.transact(read) == [("g3-0", ids.ORIGIN), ("g2-1", ids.COPY), ("g1-2", ids.SENT), None]
+    assert await store.natives(P("a"), "g3", MESSAGE, ["c", "nope"]) == {"c": ("g3-0", ids.ORIGIN)}
+    assert await store.natives(P("a"), "g2", MESSAGE, ["c"]) == {"c": ("g2-1", ids.COPY)}
+
+
+async def test_remap_repoints_and_makes_origin(store: Store) -> None:
+    await store.transact(lambda tx: tx.map(P("a"), "", ACTOR, "u", C("old"), ids.SENT))
+    await store.transact(lambda tx: tx.remap(P("a"), "", ACTOR, "u", C("new")))
+
+    def read(tx: Tx) -> list[Any]:
+        return [tx.lookup(P("a"), "", ACTOR, "u"), tx.native_for(C("new"), P("a"), "", ACTOR),
+                tx.native_for(C("old"), P("a"), "", ACTOR)]
+    assert await store.transact(read) == [(C("new"), ids.ORIGIN), ("u", ids.ORIGIN), None]
+    # a native id never seen before is created, as ORIGIN
+    await store.transact(lambda tx: tx.remap(P("a"), "", ACTOR, "v", C("cv")))
+    assert await store.transact(lambda tx: tx.lookup(P("a"), "", ACTOR, "v")) == (C("cv"), ids.ORIGIN)
+
+
+async def test_aliases(store: Store) -> None:
+    assert await store.transact(lambda tx: tx.has_alias(P("a"), "new", "b", "old")) is False
+    await store.transact(lambda tx: tx.declare_alias(P("a"), "new", "b", "old", 1.0))
+    await store.transact(lambda tx: tx.declare_alias(P("a"), "new", "b", "old", 2.0))  # again: no error
+
+    def read(tx: Tx) -> list[bool]:
+        return [tx.has_alias(P("a"), "new", "b", "old"), tx.has_alias(P("b"), "old", "a", "new"),
+                tx.has_alias(P("a"), "new", "c", "old"), tx.has_alias(P("a"), "new", "b", "other")]
+    assert await store.transact(read) == [True, False, False, False]
+
+
+# -- outbox -------------------------------------------------------------------------------
+
+async def test_enqueue_and_outbox_pages(store: Store) -> None:
+    g1, g2, g3 = G("b", "g1"), G("b", "g2"), G("c", "g1")
+    seqs: list[int] = []
+    for target in (g1, g2, g1, g3, g1, g1):
+        seqs += await enqueue(store, target)
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+    page = await store.outbox_page(g1, 0, 100)
+    assert [i.seq for i in page] == [seqs[0], seqs[2], seqs[4], seqs[5]]
+    assert all(i.target == g1 for i in page)
+    assert [i.seq for i in await store.outbox_page(g1, seqs[2], 100)] == [seqs[4], seqs[5]]
+    assert [i.seq for i in await store.outbox_page(g1, 0, 2)] == [seqs[0], seqs[2]]
+    assert [i.seq for i in await store.outbox_page(g1, seqs[5], 100)] == []
+    assert [i.seq for i in await store.outbox_page(G("b", "none"), 0, 100)] == []
+    assert set(await store.outbox_groups()) == {g1, g2, g3}
+    assert await store.outbox_counts() == {P("b"): 5, P("c"): 1}
+
+
+async def test_outbox_item_round_trip(store: Store) -> None:
+    target = G("b", "g")
+    body = bytes(range(256))
+
+    def run(tx: Tx) -> list[int]:
+        return [tx.enqueue(target, E("e1"), "civic.message.created", P("a"), 12.5, "cgm_1 cgm_2", body),
+                tx.enqueue(target, E("e2"), "civic.reaction.added", P("c"), 13.0, None, b"")]
+    s1, s2 = await store.transact(run)
+    assert s2 > s1
+    assert await store.outbox_page(target, 0, 10) == [
+        OutboxItem(s1, target, E("e1"), "civic.message.created", P("a"), 12.5, "cgm_1 cgm_2", body),
+        OutboxItem(s2, target, E("e2"), "civic.reaction.added", P("c"), 13.0, None, b""),
+    ]
+
+
+async def test_complete_removes_rows_and_records_copies(store: Store) -> None:
+    g = G("b", "g")
+    seqs = await enqueue(store, g, 3)
+    # the pipeline maps a stand-in (SENT) when it enqueues; delivery records the real id
+    await store.transact(lambda tx: tx.map(P("b"), "g", MESSAGE, "cgm_x", C("cgm_x"), ids.SENT))
+    await store.complete(seqs[:2], [Mapping(P("b"), GroupId("g"), MESSAGE, "native-x", C("cgm_x")),
+                                    Mapping(P("b"), GroupId("g"), MESSAGE, "native-y", C("cgm_y"))])
+    assert [i.seq for i in await store.outbox_page(g, 0, 10)] == [seqs[2]]
+    assert await store.outbox_counts() == {P("b"): 1}
+    assert await store.natives(P("b"), "g", MESSAGE, ["cgm_x", "cgm_y", "cgm_z"]) == {
+        "cgm_x": ("native-x", ids.COPY), "cgm_y": ("native-y", ids.COPY)}
+
+    def read(tx: Tx) -> list[Any]:
+        return [tx.native_for(C("cgm_x"), P("b"), "g", MESSAGE), tx.lookup(P("b"), "g", MESSAGE, "native-y"),
+                tx.native_for(C("cgm_x"), P("b"), "other", MESSAGE)]
+    assert await store.transact(read) == [("native-x", ids.COPY), (C("cgm_y"), ids.COPY), None]
+
+    await store.complete(seqs[2:], [])
+    assert await store.outbox_page(g, 0, 10) == []
+    assert await store.outbox_groups() == []
+    assert sum((await store.outbox_counts()).values()) == 0
+
+
+# -- dead letters ---------------------------------------------------------------------------
+
+async def test_dead_letter_and_listing(store: Store) -> None:
+    g = G("b", "g")
+    await enqueue(store, g, 3)
+    items = await store.outbox_page(g, 0, 10)
+    await store.dead_letter(items[0], "boom", 3, 50.0)
+    await store.dead_letter(items[2], "bang", 7, 60.0)
+    assert [i.seq for i in await store.outbox_page(g, 0, 10)] == [items[1].seq]
+    assert await store.outbox_counts() == {P("b"): 1}
+    assert await store.dead_letter_count() == 2
+
+    dls = await store.dead_letters()
+    assert [(d.item, d.error, d.attempts, d.failed_at) for d in dls] == [
+        (items[0], "boom", 3, 50.0), (items[2], "bang", 7, 60.0)]
+    assert [d.item.seq for d in await store.dead_letters(after_seq=items[0].seq)] == [items[2].seq]
+    assert [d.item.seq for d in await store.dead_letters(limit=1)] == [items[0].seq]
+
+
+async def test_replay_all_moves_back_to_end_of_queue(store: Store) -> None:
+    g, h = G("b", "g"), G("c", "h")
+    await enqueue(store, g, 2, pending="cgm_p")
+    await enqueue(store, h, 1)
+    first, second = await store.outbox_page(g, 0, 10)
+    (other,) = await store.outbox_page(h, 0, 10)
+    await store.dead_letter(first, "e", 1, 1.0)
+    await store.dead_letter(other, "e", 1, 1.0)
+    later = (await enqueue(store, g))[0]
+
+    replayed = await store.replay(None)
+    assert await store.dead_letter_count() == 0
+    assert sorted((i.event_id, i.body) for i in replayed) == sorted(
+        [(first.event_id, first.body), (other.event_id, other.body)])
+    for new in replayed:
+        old = first if new.event_id == first.event_id else other
+        assert new.seq > later
+        assert (new.target, new.type, new.origin, new.created, new.pending) == (
+            old.target, old.type, old.origin, old.created, old.pending)
+    page = await store.outbox_page(g, 0, 10)
+    assert [i.seq for i in page[:2]] == [second.seq, later]
+    assert [(i.event_id, i.body, i.pending) for i in page[2:]] == [(first.event_id, first.body, "cgm_p")]
+    assert [(i.event_id, i.body) for i in await store.outbox_page(h, 0, 10)] == [(other.event_id, other.body)]
+    assert set(await store.outbox_groups()) == {g, h}
+
+
+async def test_replay_selected(store: Store) -> None:
+    g = G("b", "g")
+    await enqueue(store, g, 3)
+    items = await store.outbox_page(g, 0, 10)
+    for it in items:
+        await store.dead_letter(it, "e", 2, 1.0)
+
+    replayed = await store.replay([items[1].seq])
+    assert [(i.event_id, i.body, i.target) for i in replayed] == [(items[1].event_id, items[1].body, g)]
+    assert replayed[0].seq > items[2].seq
+    assert await store.outbox_page(g, 0, 10) == replayed
+    assert await store.dead_letter_count() == 2
+    assert [d.item.seq for d in await store.dead_letters()] == [items[0].seq, items[2].seq]
+    assert await store.replay([items[1].seq]) == []  # already replayed
+    assert await store.replay([]) == []
+    assert await store.dead_letter_count() == 2
+
+
+# -- memberships, moderation, bans, settings -------------------------------------------------
+
+async def test_set_membership_upserts(store: Store, backend: Backend) -> None:
+    a, grp = C("cga_1"), GroupId("g")
+
+    def read(tx: Tx) -> Any:
+        return backend.membership(tx, "p", grp, a)
+
+    await store.transact(lambda tx: tx.set_membership(P("p"), grp, a, "joined", "moderator", 1.0))
+    assert await store.transact(read) == ("joined", "moderator")
+    await store.transact(lambda tx: tx.set_membership(P("p"), grp, a, "left", None, 2.0))
+    assert await store.transact(read) == ("left", "moderator")  # no new role: the old one is kept
+    await store.transact(lambda tx: tx.set_membership(P("p"), grp, a, "joined", "member", 3.0))
+    assert await store.transact(read) == ("joined", "member")
+    await store.transact(lambda tx: tx.set_membership(P("p"), GroupId("h"), a, "joined", None, 4.0))
+    assert await store.transact(lambda tx: backend.membership(tx, "p", "h", a)) == ("joined", None)
+    assert await store.transact(read) == ("joined", "member")
+
+
+def _entry(i: int, link: str) -> ModerationEntry:
+    return ModerationEntry(time=float(i), link=LinkName(link), platform=P("p"), grp=GroupId("g"), action="ban",
+                           subject=f"cga_{i}", moderator=None if i % 2 else "cga_mod", reason=f"r{i}",
+                           category=None, event_id=E(f"e{i}"))
+
+
+async def test_moderation_log_paging_and_link_filter(store: Store) -> None:
+    def run(tx: Tx) -> None:
+        for i in range(6):
+            tx.log_moderation(_entry(i, "l1" if i % 3 else "l2"))
+    await store.transact(run)
+
+    log = await store.moderation_log()
+    assert [e.event_id for e in log] == [f"e{i}" for i in range(6)]
+    seqs = [e.seq for e in log]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 6 and seqs[0] > 0
+    assert [msgspec.structs.replace(e, seq=0) for e in log] == [_entry(i, "l1" if i % 3 else "l2") for i in range(6)]
+
+    assert [e.event_id for e in await store.moderation_log(after_seq=seqs[2], limit=2)] == ["e3", "e4"]
+    assert [e.event_id for e in await store.moderation_log(link="l2")] == ["e0", "e3"]
+    assert [e.event_id for e in await store.moderation_log(after_seq=seqs[0], link="l2")] == ["e3"]
+    assert [e.event_id for e in await store.moderation_log(link="l1", limit=3)] == ["e1", "e2", "e4"]
+    assert await store.moderation_log(link="none") == []
+
+
+async def test_bans(store: Store) -> None:
+    assert await store.bans() == set()
+
+    def run(tx: Tx) -> None:
+        tx.set_ban(LinkName("l1"), C("x"), True, 1.0)
+        tx.set_ban(LinkName("l1"), C("x"), True, 2.0)  # again: still one ban
+        tx.set_ban(LinkName("l2"), C("x"), True, 1.0)
+        tx.set_ban(LinkName("l1"), C("y"), True, 1.0)
+    await store.transact(run)
+    assert await store.bans() == {(LinkName("l1"), C("x")), (LinkName("l2"), C("x")), (LinkName("l1"), C("y"))}
+    await store.transact(lambda tx: tx.set_ban(LinkName("l1"), C("x"), False, 3.0))
+    await store.transact(lambda tx: tx.set_ban(LinkName("l3"), C("z"), False, 3.0))  # unbanning nobody: no error
+    assert await store.bans() == {(LinkName("l2"), C("x")), (LinkName("l1"), C("y"))}
+
+
+async def test_setting_created_once_and_persistent(store: Store, reopen: Any) -> None:
+    calls: list[str] = []
+
+    def default() -> str:
+        calls.append("x")
+        return f"value-{len(calls)}"
+
+    # concurrent first uses still agree on one value
+    a, b = await asyncio.gather(store.setting("key", default), store.setting("key", default))
+    assert a == b == "value-1" and calls == ["x"]
+    assert await store.setting("key", default) == "value-1"
+    assert await store.setting("other", lambda: "o") == "o"
+    s2 = await reopen(store)
+    assert await s2.setting("key", default) == "value-1"
+    assert calls == ["x"]
+    assert await s2.setting("other", lambda: "changed") == "o"
+
+
+# -- pruning ------------------------------------------------------------------------------------
+
+async def test_prune_processed(store: Store) -> None:
+    def run(tx: Tx) -> None:
+        for i in range(4500):
+            assert tx.first_seen(P("a"), E(f"old{i}"), 100.0 + i * 0.01)
+        for i in range(10):
+            assert tx.first_seen(P("b"), E(f"new{i}"), 500.0 + i)
+        for i in range(5):  # old again after new ones: the cut-off is by time, not by position
+            assert tx.first_seen(P("c"), E(f"late-old{i}"), 150.0)
+        assert tx.first_seen(P("a"), E("edge"), 500.0)  # exactly at the cut-off: kept
+    await store.transact(run)
+
+    assert await store.prune_processed(500.0) == 4505
+
+    def read(tx: Tx) -> list[bool]:
+        kept = [tx.first_seen(P("b"), E(f"new{i}"), 900.0) for i in range(10)] + [
+            tx.first_seen(P("a"), E("edge"), 900.0)]
+        gone = [tx.first_seen(P("a"), E(f"old{i}"), 900.0) for i in (0, 1999, 2000, 4499)] + [
+            tx.first_seen(P("c"), E("late-old4"), 900.0)]
+        return kept + gone
+    assert await store.transact(read) == [False] * 11 + [True] * 5
+    assert await store.prune_processed(500.0) == 0
+    assert await store.prune_processed(1000.0) == 16
+
+
+async def test_prune_processed_exact_step_multiple(store: Store) -> None:
+    def run(tx: Tx) -> None:
+        for i in range(4000):
+            tx.first_seen(P("a"), E(f"e{i}"), 1.0)
+    await store.transact(run)
+    assert await store.prune_processed(2.0) == 4000
+    assert await store.transact(lambda tx: tx.first_seen(P("a"), E("e3999"), 3.0)) is True
+
+
+# -- transactions and group commit -----------------------------------------------------------------
+
+class Boom(Exception):
+    pass
+
+
+async def test_failing_transact_rolls_back_only_itself(store: Store) -> None:
+    g = G("b", "g")
+
+    def bad(tx: Tx) -> None:
+        tx.first_seen(P("a"), E("bad"), 1.0)
+        tx.map(P("a"), "g", MESSAGE, "bad", C("cbad"), ids.ORIGIN)
+        tx.enqueue(g, E("bad"), "t", P("a"), 1.0, None, b"bad")
+        raise Boom("planned")
+
+    def good(tx: Tx) -> int:
+        assert tx.first_seen(P("a"), E("good"), 1.0)
+        tx.map(P("a"), "g", MESSAGE, "good", C("cgood"), ids.ORIGIN)
+        return tx.enqueue(g, E("good"), "t", P("a"), 1.0, None, b"good")
+
+    results = await asyncio.gather(store.transact(good), store.transact(bad), store.transact(good),
+                                   return_exceptions=True)
+    assert isinstance(results[1], Boom) and str(results[1]) == "planned"
+    # exactly one "good" commits; the other saw its dedup row and failed alone
+    oks = [r for r in (results[0], results[2]) if isinstance(r, int)]
+    assert len(oks) == 1 and any(isinstance(r, AssertionError) for r in (results[0], results[2]))
+
+    def read(tx: Tx) -> list[Any]:
+        return [tx.first_seen(P("a"), E("bad"), 2.0), tx.lookup(P("a"), "g", MESSAGE, "bad"),
+                tx.first_seen(P("a"), E("good"), 2.0), tx.lookup(P("a"), "g", MESSAGE, "good")]
+    assert await store.transact(read) == [True, None, False, (C("cgood"), ids.ORIGIN)]
+    assert [(i.seq, i.body) for i in await store.outbox_page(g, 0, 10)] == [(oks[0], b"good")]
+
+    with pytest.raises(Boom):
+        await store.transact(bad)
+    assert store.backlog() == 0
+
+
+class Fatal(BaseException):
+    """Not an ``Exception`` (like ``KeyboardInterrupt`` or ``SystemExit``)."""
+
+
+async def test_base_exception_fails_only_its_own_transact(store: Store) -> None:
+    def bad(tx: Tx) -> None:
+        tx.first_seen(P("a"), E("bad"), 1.0)
+        raise Fatal()
+
+    results = await asyncio.wait_for(asyncio.gather(
+        store.transact(lambda tx: tx.first_seen(P("a"), E("good"), 1.0)), store.transact(bad),
+        return_exceptions=True), 0.5)
+    assert results[0] is True and isinstance(results[1], Fatal)
+    assert await asyncio.wait_for(store.transact(lambda tx: tx.first_seen(P("a"), E("good"), 2.0)), 0.5) is False
+
+
+async def test_group_commit_200_concurrent(store: Store, backend_name: str) -> None:
+    g = G("b", "g")
+    before = getattr(store, "commits", None)
+    if isinstance(store, SqliteStore):
+        assert isinstance(before, int)
+
+    def job(i: int) -> Callable[[Tx], int]:
+        def run(tx: Tx) -> int:
+            assert tx.first_seen(P("a"), E(f"e{i}"), 1.0)
+            tx.map(P("a"), "g", MESSAGE, f"n{i}", C(f"c{i}"), ids.ORIGIN)
+            return tx.enqueue(g, E(f"e{i}"), "t", P("a"), 1.0, None, str(i).encode())
+        return run
+
+    seqs = await asyncio.gather(*(store.transact(job(i)) for i in range(200)))
+    assert len(set(seqs)) == 200
+    page = await store.outbox_page(g, 0, 1000)
+    assert sorted(i.seq for i in page) == sorted(seqs)
+    assert {i.body for i in page} == {str(i).encode() for i in range(200)}
+
+    def read(tx: Tx) -> list[Any]:
+        return [tx.lookup(P("a"), "g", MESSAGE, f"n{i}") for i in range(200)]
+    assert await store.transact(read) == [(C(f"c{i}"), ids.ORIGIN) for i in range(200)]
+    if backend_name == "sqlite-inline":
+        assert isinstance(store, SqliteStore)
+        assert store.commits - before < 200  # type: ignore[operator]
+        assert store.commits - before <= 4  # type: ignore[operator]  # 200 jobs, 1 batch (+ the reads)
+    assert store.backlog() == 0
+
+
+async def test_backlog_zero_when_idle(store: Store) -> None:
+    assert store.backlog() == 0
+    await asyncio.gather(*(store.transact(lambda tx, i=i: tx.first_seen(P("a"), E(f"e{i}"), 1.0)) for i in range(50)))
+    await store.outbox_counts()
+    assert store.backlog() == 0
