@@ -252,9 +252,12 @@ class DeliveryEngine:
             self._copies[(platform, q.target.group, sent)] = NativeId(native)
         self._completions.add([i.seq for i in batch], maps)
         hist = self.metrics.latency.labels(platform)
+        types: dict[str, int] = {}
         for item in batch:
-            self.metrics.events_out.labels(platform, item.type).inc()
+            types[item.type] = types.get(item.type, 0) + 1
             hist.observe(max(0.0, now - item.created))
+        for etype, n in types.items():
+            self.metrics.events_out.labels(platform, etype).inc(n)
 
     async def _dead(self, q: _Queue, item: OutboxItem, error: str, attempts: int) -> None:
         log.warning("dead-lettering %s for %s: %s", item.event_id, q.target, error)

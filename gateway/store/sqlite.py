@@ -42,8 +42,8 @@ T = TypeVar("T")
 log = logging.getLogger("civic.store")
 
 MAX_JOBS_PER_COMMIT = 512
-CHECKPOINT_INTERVAL = 0.5
-WAL_TRUNCATE_BYTES = 32 * 1024 * 1024
+CHECKPOINT_INTERVAL = 0.25
+WAL_TRUNCATE_BYTES = 4 * 1024 * 1024
 _OUTBOX_COLS = "seq, platform, grp, event_id, type, origin, created, pending, body"
 
 
