@@ -118,24 +118,12 @@ class Pipeline:
         c = ids.new_message_id()
         if not tx.map(source.platform, source.group, MESSAGE, p.id, c, ids.ORIGIN):
             return Outcome("dropped", "echo")  # the gateway knows this id: it made the message there
-        degraded: list[str] = []
-        reply = self._message_from(tx, source, p.reply_to, degraded, "reply_unknown")
-        thread = self._message_from(tx, source, p.thread, degraded, "thread_unknown")
-        mentions = [self._actor_ref(tx, source, m) for m in p.mentions]
-        canon = replace(p, id=c, reply_to=reply, thread=thread)
 
-        def build(tx: Tx, route: Route, pending: list[str]) -> Message:
-            t = route.target
-            tx.map(t.platform, t.group, MESSAGE, c, c, ids.SENT)
-            return _degrade(replace(
-                canon,
-                author=self._actor_to(tx, author, p.author, t),
-                reply_to=self._message_to(tx, reply, t, pending, optional=True, degraded=degraded),
-                thread=self._message_to(tx, thread, t, pending, optional=True, degraded=degraded),
-                mentions=tuple(self._actor_to(tx, mc, m, t) for mc, m in mentions),
-            ), self.capabilities.get(t.platform), degraded)
+        def new_copy(tx: Tx, t: GroupRef, pending: list[str]) -> str:
+            tx.map(t.platform, t.group, MESSAGE, c, c, ids.SENT)  # until the target names its own id
+            return c
 
-        return self._fan_out(tx, ev, routes, build, now, author, degraded)
+        return self._message_out(tx, ev, source, routes, p, author, now, [], new_copy)
 
     def _in_message_edited(self, tx: Tx, ev: Inbound, source: GroupRef, routes: list[Route], p: Message,
                            author: CanonicalId, now: float) -> Outcome:
@@ -143,6 +131,13 @@ class Pipeline:
         c = self._message_from(tx, source, p.id, degraded, "edit_unknown")
         if c is None:
             return Outcome("dropped", "unknown_message")
+        return self._message_out(tx, ev, source, routes, p, author, now, degraded,
+                                 lambda tx, t, pending: self._message_to(tx, c, t, pending))
+
+    def _message_out(self, tx: Tx, ev: Inbound, source: GroupRef, routes: list[Route], p: Message,
+                     author: CanonicalId, now: float, degraded: list[str],
+                     target_id: Callable[[Tx, GroupRef, list[str]], str]) -> Outcome:
+        """Fan a created or edited message out, each copy in its target's terms."""
         reply = self._message_from(tx, source, p.reply_to, degraded, "reply_unknown")
         thread = self._message_from(tx, source, p.thread, degraded, "thread_unknown")
         mentions = [self._actor_ref(tx, source, m) for m in p.mentions]
@@ -151,7 +146,7 @@ class Pipeline:
             t = route.target
             return _degrade(replace(
                 p,
-                id=self._message_to(tx, c, t, pending),
+                id=target_id(tx, t, pending),
                 author=self._actor_to(tx, author, p.author, t),
                 reply_to=self._message_to(tx, reply, t, pending, optional=True, degraded=degraded),
                 thread=self._message_to(tx, thread, t, pending, optional=True, degraded=degraded),
