@@ -12,6 +12,7 @@ import base64
 import logging
 import os
 import signal
+import sys
 import tempfile
 import webbrowser
 from pathlib import Path
@@ -66,7 +67,8 @@ async def run_demo(port: int = 8080, data_dir: str | None = None, open_browser: 
     print(f"  {'moderation log (public)':34} http://127.0.0.1:{port}/v1/moderation-log")
     print(f"  {'admin API (token: demo)':34} http://127.0.0.1:{port}/admin/v1/status")
     print("Press Ctrl+C to stop.\n")
-    if open_browser:
+    has_screen = sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    if open_browser and has_screen:  # on a server, never start a text-mode browser in the terminal
         for _title, url in urls:
             try:
                 webbrowser.open(url)
