@@ -209,12 +209,11 @@ class DeliveryEngine:
                     attempts = 0
                     isolate = max(0, isolate - 1)
                     continue
-                except Exception as exc:  # an adapter bug must not stop the queue for good
+                except Exception:  # an adapter bug must not stop the queue for good
                     attempts += 1
                     log.exception("adapter %s failed delivering to %s", q.target.platform, q.target)
                     self.metrics.retries.labels(q.target.platform).inc()
                     await self._sleep(self._backoff(attempts, None))
-                    del exc
                     continue
                 attempts = 0
                 isolate = max(0, isolate - n) if isolate else 0

@@ -29,6 +29,7 @@ from gateway.router import Route, Router
 from gateway.sanitize import clean_html, clean_text
 from gateway.store.base import ModerationEntry, OutboxItem, Tx
 from schemas.v1 import (
+    EVENT_TYPES,
     AccountMove,
     Actor,
     Membership,
@@ -58,8 +59,10 @@ class _Skip(Exception):
 class Pipeline:
     """Built once per gateway from the router and each platform's capabilities.
 
-    ``apply`` runs on the store's worker; it keeps two caches of id-map rows
-    that never change once written, and the link bans (mirrored moderation).
+    ``apply`` runs inside a store transaction (on the event loop or on the
+    store's worker thread, as the store decides). It keeps two caches of
+    id-map rows (cleared when an account move rewrites one) and the link bans
+    (mirrored moderation).
     """
 
     def __init__(self, router: Router, capabilities: Mapping[PlatformName, Capabilities], ghost_key: bytes,
@@ -70,7 +73,9 @@ class Pipeline:
         self.bans = bans
         self.clock = clock
         self._actor_in: dict[tuple[str, str], tuple[CanonicalId, int]] = {}
-        self._actor_out: dict[tuple[str, str], tuple[str, int] | None] = {}
+        self._actor_out: dict[tuple[str, str], tuple[str, int]] = {}
+        self._handlers: dict[str, Callable[..., Outcome]] = {
+            t: getattr(self, "_in_" + t.removeprefix("civic.").replace(".", "_")) for t in EVENT_TYPES}
 
     def invalidate(self) -> None:
         """Forget the caches (after a transaction failed to commit)."""
@@ -109,8 +114,7 @@ class Pipeline:
             acting_c, how, _ = self._actor_from(tx, source, acting)
             if how != ids.ORIGIN:
                 return Outcome("dropped", "echo")
-        handler = getattr(self, "_in_" + ev.type.replace("civic.", "").replace(".", "_"))
-        return handler(tx, ev, source, routes, p, acting_c, now)
+        return self._handlers[ev.type](tx, ev, source, routes, p, acting_c, now)
 
     # each _in_* returns the Outcome for one event type ---------------------------
     def _in_message_created(self, tx: Tx, ev: Inbound, source: GroupRef, routes: list[Route], p: Message,
