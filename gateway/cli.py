@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sqlite3
 import sys
 
 from gateway import logs
@@ -43,9 +44,16 @@ async def _run(config_path: str) -> None:
     config = load(config_path)
     logs.setup(config.gateway.log_format, config.gateway.log_level)
     gw = Gateway(config)
-    await gw.start()
+    try:
+        await gw.start()
+    except sqlite3.Error as exc:
+        raise ConfigError(f"{config_path}: gateway.database: cannot open {config.gateway.database!r}: {exc}") from None
     host, port = split_listen(config.gateway.listen)
-    runner = await gw.serve(host, port)
+    try:
+        runner = await gw.serve(host, port)
+    except OSError as exc:
+        await gw.stop()
+        raise ConfigError(f"{config_path}: gateway.listen: cannot listen on {host}:{port}: {exc.strerror}") from None
     log.info("listening", extra={"listen": f"http://{host}:{port}"})
     try:
         await _wait_for_signal()

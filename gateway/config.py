@@ -43,6 +43,10 @@ class GatewaySettings(Struct, forbid_unknown_fields=True, kw_only=True):
     synchronous: Literal["normal", "full"] = "normal"
     """SQLite durability: normal survives a process crash, full also a power cut."""
 
+    def __post_init__(self) -> None:
+        if not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]*):[0-9]{1,5}$", self.listen):
+            raise ValueError(f"`listen`: expected host:port, e.g. \"127.0.0.1:8080\", not {self.listen!r}")
+
 
 class GroupConfig(Struct, forbid_unknown_fields=True):
     platform: str

@@ -189,3 +189,24 @@ def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture
     assert cli.main(["check-config", str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "cannot read" in err
+
+
+def test_listen_must_be_host_and_port(tmp_path, capsys) -> None:
+    from gateway.cli import main
+
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text('[gateway]\nlog_format = "text"\nlisten = "localhost"\n')
+    assert main(["check-config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "gw.toml:3: gateway.listen: expected host:port" in err
+
+
+def test_run_names_the_database_it_cannot_open(tmp_path, capsys) -> None:
+    from gateway.cli import main
+
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(f'[gateway]\nlisten = "127.0.0.1:0"\ndatabase = "{tmp_path}/no/such/dir/state.db"\n'
+                   'log_format = "text"\n')
+    assert main(["run", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "gateway.database: cannot open" in err and "no/such/dir/state.db" in err
