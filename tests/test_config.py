@@ -207,6 +207,11 @@ def test_run_names_the_database_it_cannot_open(tmp_path, capsys) -> None:
     cfg = tmp_path / "gw.toml"
     cfg.write_text(f'[gateway]\nlisten = "127.0.0.1:0"\ndatabase = "{tmp_path}/no/such/dir/state.db"\n'
                    'log_format = "text"\n')
-    assert main(["run", "--config", str(cfg)]) == 2
+    import asyncio
+
+    try:
+        assert main(["run", "--config", str(cfg)]) == 2
+    finally:
+        asyncio.set_event_loop_policy(None)  # `run` installs uvloop's policy for the process
     err = capsys.readouterr().err
     assert "gateway.database: cannot open" in err and "no/such/dir/state.db" in err
