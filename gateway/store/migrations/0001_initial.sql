@@ -20,7 +20,7 @@ CREATE TABLE id_map (
     canonical TEXT NOT NULL,
     sent      INTEGER NOT NULL,
     PRIMARY KEY (platform, grp, kind, native)
-);
+) WITHOUT ROWID;
 CREATE INDEX id_map_canonical ON id_map (canonical, platform, grp);
 
 -- Transactional outbox: one ordered queue per target group (ordered by seq).
