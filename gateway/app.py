@@ -118,7 +118,7 @@ class Gateway:
         key = await self.store.setting("ghost_key", lambda: os.urandom(32).hex())
         bans = await self.store.bans()
         self.pipeline = Pipeline(self.router, {n: a.capabilities for n, a in self.adapters.items()},
-                                 bytes.fromhex(key), bans)
+                                 bytes.fromhex(key), bans, await self.store.withdrawn())
         self.metrics.dead_letters.set(await self.store.dead_letter_count())
         await self._refresh_depth()
         for adapter in self.adapters.values():

@@ -66,11 +66,13 @@ class Pipeline:
     """
 
     def __init__(self, router: Router, capabilities: Mapping[PlatformName, Capabilities], ghost_key: bytes,
-                 bans: set[tuple[LinkName, CanonicalId]], clock: Callable[[], float] = time.time) -> None:
+                 bans: set[tuple[LinkName, CanonicalId]], withdrawn: set[CanonicalId] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.router = router
         self.capabilities = dict(capabilities)
         self._ghost_key = ghost_key
         self.bans = bans
+        self.withdrawn = withdrawn if withdrawn is not None else set()
         self.clock = clock
         self._actor_in: dict[tuple[str, str], tuple[CanonicalId, int]] = {}
         self._actor_out: dict[tuple[str, str], tuple[str, int]] = {}
@@ -114,6 +116,8 @@ class Pipeline:
             acting_c, how, _ = self._actor_from(tx, source, acting)
             if how != ids.ORIGIN:
                 return Outcome("dropped", "echo")
+            if acting_c in self.withdrawn and not (isinstance(p, ProfileUpdate) and p.consent == "granted"):
+                return Outcome("dropped", "no_consent")
         return self._handlers[ev.type](tx, ev, source, routes, p, acting_c, now)
 
     # each _in_* returns the Outcome for one event type ---------------------------
@@ -122,6 +126,8 @@ class Pipeline:
         c = ids.new_message_id()
         if not tx.map(source.platform, source.group, MESSAGE, p.id, c, ids.ORIGIN):
             return Outcome("dropped", "echo")  # the gateway knows this id: it made the message there
+
+        tx.record_author(c, author)  # so that a withdrawal of consent can find every copy
 
         def new_copy(tx: Tx, t: GroupRef, pending: list[str]) -> str:
             tx.map(t.platform, t.group, MESSAGE, c, c, ids.SENT)  # until the target names its own id
@@ -145,6 +151,9 @@ class Pipeline:
         reply = self._message_from(tx, source, p.reply_to, degraded, "reply_unknown")
         thread = self._message_from(tx, source, p.thread, degraded, "thread_unknown")
         mentions = [self._actor_ref(tx, source, m) for m in p.mentions]
+        if any(mc in self.withdrawn for mc, _ in mentions):
+            mentions = [(mc, m) for mc, m in mentions if mc not in self.withdrawn]
+            degraded.append("mention_without_consent")
 
         def build(tx: Tx, route: Route, pending: list[str]) -> Message:
             t = route.target
@@ -257,6 +266,11 @@ class Pipeline:
                             p: ProfileUpdate, actor: CanonicalId, now: float) -> Outcome:
         for aka in p.also_known_as:  # the new account's half of a move
             tx.declare_alias(source.platform, p.actor.id, aka.platform, aka.id, now)
+        if p.consent == "withdrawn":
+            return self._withdraw(tx, ev, source, actor, now)
+        if p.consent == "granted":
+            tx.set_consent(actor, "granted", now)
+            self.withdrawn.discard(actor)
         if p.actor.identity == "anonymous":
             return Outcome("dropped", "anonymous")  # nothing of them crosses a link
 
@@ -282,6 +296,29 @@ class Pipeline:
             return replace(p, actor=self._actor_to(tx, actor, p.actor, route.target))
 
         return self._fan_out(tx, ev, routes, build, now, actor, [])
+
+    def _withdraw(self, tx: Tx, ev: Inbound, source: GroupRef, actor: CanonicalId, now: float) -> Outcome:
+        """Consent withdrawn: nothing of the person crosses a link any more, and
+        every copy of their messages on other platforms is deleted."""
+        tx.set_consent(actor, "withdrawn", now)
+        self.withdrawn.add(actor)
+        out = Outcome("accepted")
+        deletion = MessageDeletion(id="", reason="the author withdrew their consent to share it")
+        for message in tx.messages_by(actor):
+            done: set[tuple[str, str]] = set()
+            for platform, grp, native, how in tx.copies(message, MESSAGE):  # best id first per group
+                if how == ids.ORIGIN or (platform, grp) in done or platform not in self.capabilities:
+                    done.add((platform, grp))
+                    continue
+                done.add((platform, grp))
+                pend = message if how == ids.SENT else None  # the site may name its own id first
+                body = _encode(replace(deletion, id=native))
+                event_id = EventId(ids.new_id("cge_"))
+                target = GroupRef(platform, grp)  # type: ignore[arg-type]
+                seq = tx.enqueue(target, event_id, "civic.message.deleted", ev.platform, now, pend, body)
+                out.items.append(OutboxItem(seq, target, event_id, "civic.message.deleted", ev.platform, now,
+                                            pend, body))
+        return out
 
     # -- shared steps ------------------------------------------------------------------
     def _fan_out(self, tx: Tx, ev: Inbound, routes: list[Route], build: Callable[[Tx, Route, list[str]], Any],

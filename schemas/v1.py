@@ -164,8 +164,15 @@ class AccountRef(Struct, frozen=True, omit_defaults=True):
     name: Name | None = None
 
 
+Consent = Literal["granted", "withdrawn"]
+"""Whether a person agrees that what they post crosses links. A site asks its
+members before it sends their events (so a person the site sends has agreed);
+``withdrawn`` stops everything of them crossing and removes the copies of
+their messages from the linked groups; ``granted`` lets them cross again."""
+
+
 class ProfileUpdate(Struct, frozen=True, omit_defaults=True):
-    """Payload of civic.profile.updated: a person changed name or identity level.
+    """Payload of civic.profile.updated: a person changed name, identity level or consent.
 
     ``also_known_as`` names the person's older accounts on other platforms: it
     is the new account's half of a move (like ActivityPub's ``alsoKnownAs``),
@@ -173,6 +180,7 @@ class ProfileUpdate(Struct, frozen=True, omit_defaults=True):
 
     actor: Actor
     also_known_as: Annotated[tuple[AccountRef, ...], Meta(max_length=16)] = ()
+    consent: Consent | None = None
 
 
 class AccountMove(Struct, frozen=True, omit_defaults=True):
@@ -226,6 +234,7 @@ def payload_type(event_type: str) -> type[Struct]:
 __all__ = [
     "SCHEMA_VERSION",
     "Identity",
+    "Consent",
     "Role",
     "MembershipState",
     "ModerationKind",

@@ -386,6 +386,29 @@ async def test_moderation_log_paging_and_link_filter(store: Store) -> None:
     assert await store.moderation_log(link="none") == []
 
 
+async def test_authorship_copies_and_consent(store: Store) -> None:
+    assert await store.withdrawn() == set()
+
+    def run(tx: Tx) -> None:
+        tx.record_author(C("m1"), C("alice"))
+        tx.record_author(C("m2"), C("alice"))
+        tx.record_author(C("m1"), C("alice"))  # again: once
+        tx.record_author(C("m3"), C("bob"))
+        tx.map(P("a"), "g", MESSAGE, "n1", C("m1"), ids.ORIGIN)
+        tx.map(P("b"), "g", MESSAGE, "m1", C("m1"), ids.SENT)
+        tx.map(P("b"), "g", MESSAGE, "b-7", C("m1"), ids.COPY)
+        tx.map(P("b"), "g", ACTOR, "m1", C("m1"), ids.SENT)  # another kind: not a copy of the message
+        tx.set_consent(C("alice"), "withdrawn", 1.0)
+        tx.set_consent(C("bob"), "withdrawn", 1.0)
+        tx.set_consent(C("bob"), "granted", 2.0)
+    await store.transact(run)
+    assert sorted(await store.transact(lambda tx: tx.messages_by(C("alice")))) == ["m1", "m2"]
+    assert await store.transact(lambda tx: tx.messages_by(C("carol"))) == []
+    copies = await store.transact(lambda tx: tx.copies(C("m1"), MESSAGE))
+    assert copies == [("a", "g", "n1", ids.ORIGIN), ("b", "g", "b-7", ids.COPY), ("b", "g", "m1", ids.SENT)]
+    assert await store.withdrawn() == {C("alice")}
+
+
 async def test_bans(store: Store) -> None:
     assert await store.bans() == set()
 

@@ -104,6 +104,16 @@ class Tx(Protocol):
 
     def has_alias(self, platform: PlatformName, native: str, aka_platform: str, aka_native: str) -> bool: ...
 
+    def record_author(self, message: CanonicalId, author: CanonicalId) -> None: ...
+
+    def messages_by(self, author: CanonicalId) -> list[CanonicalId]:
+        """Every message the gateway carried for this person."""
+
+    def copies(self, canonical: CanonicalId, kind: str) -> list[tuple[PlatformName, str, NativeId, int]]:
+        """Every (platform, grp, native, how) a canonical id is mapped to."""
+
+    def set_consent(self, actor: CanonicalId, state: str, now: float) -> None: ...
+
 
 class Store(abc.ABC):
     """Durable state. Implementations: ``gateway.store.sqlite.SqliteStore``."""
@@ -165,6 +175,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def bans(self) -> set[tuple[LinkName, CanonicalId]]: ...
+
+    @abc.abstractmethod
+    async def withdrawn(self) -> set[CanonicalId]:
+        """People who withdrew their consent."""
 
     @abc.abstractmethod
     async def setting(self, key: str, default: Callable[[], str]) -> str:

@@ -132,6 +132,23 @@ class SqliteTx:
                               " AND aka_native = ?", (platform, native, aka_platform, aka_native)).fetchone() is not None
 
 
+    def record_author(self, message: CanonicalId, author: CanonicalId) -> None:
+        self.c.execute("INSERT OR IGNORE INTO authorship (author, message) VALUES (?, ?)", (author, message))
+
+    def messages_by(self, author: CanonicalId) -> list[CanonicalId]:
+        return [CanonicalId(r[0]) for r in
+                self.c.execute("SELECT message FROM authorship WHERE author = ?", (author,))]
+
+    def copies(self, canonical: CanonicalId, kind: str) -> list[tuple[PlatformName, str, NativeId, int]]:
+        return [(PlatformName(r[0]), r[1], NativeId(r[2]), r[3]) for r in self.c.execute(
+            "SELECT platform, grp, native, sent FROM id_map WHERE canonical = ? AND kind = ? ORDER BY sent",
+            (canonical, kind))]
+
+    def set_consent(self, actor: CanonicalId, state: str, now: float) -> None:
+        self.c.execute("INSERT INTO consent (actor, state, updated) VALUES (?, ?, ?) ON CONFLICT (actor)"
+                       " DO UPDATE SET state = excluded.state, updated = excluded.updated", (actor, state, now))
+
+
 class _Job:
     __slots__ = ("fn", "future")
 
@@ -443,6 +460,11 @@ class SqliteStore(Store):
     async def bans(self) -> set[tuple[LinkName, CanonicalId]]:
         rows = await self._submit(lambda tx: tx.c.execute("SELECT link, actor FROM bans").fetchall())
         return {(LinkName(a), CanonicalId(b)) for a, b in rows}
+
+    async def withdrawn(self) -> set[CanonicalId]:
+        rows = await self._submit(lambda tx: tx.c.execute(
+            "SELECT actor FROM consent WHERE state = 'withdrawn'").fetchall())
+        return {CanonicalId(r[0]) for r in rows}
 
     async def setting(self, key: str, default: Callable[[], str]) -> str:
         def run(tx: SqliteTx) -> str:
