@@ -44,6 +44,8 @@ def decode_body(content_type: str, body: bytes) -> list[CloudEventBase]:
         raise DecodeError(f"invalid event: {m.group(1)}", index=index, field=field) from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"malformed JSON: {exc}") from None
+    except RecursionError:  # msgspec refuses nesting deeper than the interpreter's limit
+        raise DecodeError("malformed JSON: nested too deeply") from None
 
 
 def parse_time(value: str | None, default: float) -> float:
