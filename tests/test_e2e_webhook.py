@@ -230,3 +230,39 @@ def _signed(sender, body: bytes) -> dict[str, str]:
     ts = int(time.time())
     return {"content-type": CE, "webhook-id": "w1", "webhook-timestamp": str(ts),
             "webhook-signature": sign(sender.key, "w1", ts, body)}
+
+
+async def test_a_reply_queued_before_its_parent_was_delivered_names_the_sites_own_id(tmp_path: Path) -> None:
+    """b is down while a posts a message and a reply to it: the reply was
+    queued before b named its own id for the parent, and still arrives
+    pointing at b's own id (resolved at delivery time)."""
+    net = await start_net(tmp_path, ["a", "b"], batch_max=1)
+    try:
+        a, b = net.sites["a"], net.sites["b"]
+        b.fail_with, b.retry_after = 503, "0"
+        sa = net.senders["a"]
+        await sa.send([sa.event("civic.message.created", "g-a", msg("p-1", "parent"))])
+        await sa.send([sa.event("civic.message.created", "g-a", msg("r-1", "reply", reply_to="p-1"))])
+        await wait_for(lambda: b.refused >= 2, what="b refusing")
+        b.fail_with = None
+        await wait_for(lambda: len(b.of_type("civic.message.created")) == 2, what="both delivered")
+        parent, reply = b.of_type("civic.message.created")
+        assert reply["data"]["reply_to"] == b.own_ids[parent["data"]["id"]] != parent["data"]["id"]
+        assert a.events == []
+    finally:
+        await stop_net(net)
+
+
+async def test_an_event_failing_past_retry_max_age_goes_to_the_dead_letters(tmp_path: Path) -> None:
+    net = await start_net(tmp_path, ["a", "b"], extra_gateway="retry_max_age = 0.5")
+    try:
+        b = net.sites["b"]
+        b.fail_with, b.retry_after = 503, "0"
+        sa = net.senders["a"]
+        await sa.send([sa.event("civic.message.created", "g-a", msg("late-1", "too late"))])
+        await wait_for(lambda: net.gw.metrics.dead_lettered.labels("b")._value.get() == 1, what="dead letter")
+        letters = await net.gw.store.dead_letters()
+        assert len(letters) == 1 and "gave up after" in letters[0].error and "503" in letters[0].error
+        assert b.events == []
+    finally:
+        await stop_net(net)
