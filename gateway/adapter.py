@@ -48,7 +48,7 @@ class Capabilities(Struct, frozen=True, kw_only=True):
     """Most events one ``deliver`` call takes."""
 
 
-class Inbound(Struct, frozen=True):
+class Inbound(Struct, frozen=True, gc=False):
     """One native event, decoded, with the platform's own ids."""
 
     platform: PlatformName
@@ -63,7 +63,7 @@ class Inbound(Struct, frozen=True):
     """Unix seconds when the event happened (or was received)."""
 
 
-class Delivery(Struct, frozen=True):
+class Delivery(Struct, frozen=True, gc=False):
     """One event for one target group, ids already translated for that target."""
 
     event_id: EventId

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sqlite3
@@ -48,6 +49,10 @@ async def _run(config_path: str) -> None:
         await gw.start()
     except sqlite3.Error as exc:
         raise ConfigError(f"{config_path}: gateway.database: cannot open {config.gateway.database!r}: {exc}") from None
+    # What start-up built lives as long as the process: keep it out of the
+    # cyclic collector's scans (measured: GC took ~8 % of a relay run before).
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)  # young objects die young here: collect less often
     host, port = split_listen(config.gateway.listen)
     try:
         runner = await gw.serve(host, port)

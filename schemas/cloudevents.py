@@ -30,7 +30,7 @@ BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 MAX_BATCH = 1000
 
 
-class CloudEventBase(Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=True):
+class CloudEventBase(Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=True, gc=False):
     """Context attributes shared by every event type."""
 
     specversion: Literal["1.0"]

@@ -13,7 +13,10 @@ Rules kept here on purpose:
 * an actor carries the identity level its person chose, and the gateway shows
   no more of them than that level allows;
 * wire types never forbid unknown fields, so a newer site can talk to an older
-  gateway (schema evolution); config types do forbid them.
+  gateway (schema evolution); config types do forbid them;
+* the types are immutable and hold no cycles, so they opt out of the cyclic
+  garbage collector (``gc=False``): hundreds of thousands of them in queues
+  cost the collector nothing.
 
 This module imports only the standard library and msgspec.
 """
@@ -67,7 +70,7 @@ Category = Literal[
 shared/research/platforms.md section 3c); each adapter keeps a crosswalk."""
 
 
-class Actor(Struct, frozen=True, omit_defaults=True):
+class Actor(Struct, frozen=True, omit_defaults=True, gc=False):
     """A person (or bot) as one platform knows them."""
 
     id: Id
@@ -75,7 +78,7 @@ class Actor(Struct, frozen=True, omit_defaults=True):
     identity: Identity = "pseudonymous"
 
 
-class Attachment(Struct, frozen=True, omit_defaults=True):
+class Attachment(Struct, frozen=True, omit_defaults=True, gc=False):
     """A media reference: the gateway links media, it does not copy bytes."""
 
     url: Url
@@ -85,7 +88,7 @@ class Attachment(Struct, frozen=True, omit_defaults=True):
     size: Annotated[int, Meta(ge=0)] | None = None
 
 
-class Message(Struct, frozen=True, omit_defaults=True):
+class Message(Struct, frozen=True, omit_defaults=True, gc=False):
     """A post in a group: payload of civic.message.created and civic.message.edited.
 
     For an edit, ``id`` names the message being edited and the other fields
@@ -105,7 +108,7 @@ class Message(Struct, frozen=True, omit_defaults=True):
     language: Lang | None = None
 
 
-class MessageDeletion(Struct, frozen=True, omit_defaults=True):
+class MessageDeletion(Struct, frozen=True, omit_defaults=True, gc=False):
     """Payload of civic.message.deleted: the author (or ``by``) removed it."""
 
     id: Id
@@ -113,7 +116,7 @@ class MessageDeletion(Struct, frozen=True, omit_defaults=True):
     reason: Short | None = None
 
 
-class Reaction(Struct, frozen=True, omit_defaults=True):
+class Reaction(Struct, frozen=True, omit_defaults=True, gc=False):
     """Payload of civic.reaction.added and civic.reaction.removed. Per person;
     the gateway never turns reactions into counts."""
 
@@ -122,7 +125,7 @@ class Reaction(Struct, frozen=True, omit_defaults=True):
     key: Annotated[str, Meta(min_length=1, max_length=64, description="An emoji or a short word.")]
 
 
-class Membership(Struct, frozen=True, omit_defaults=True):
+class Membership(Struct, frozen=True, omit_defaults=True, gc=False):
     """Payload of civic.membership.changed."""
 
     member: Actor
@@ -132,7 +135,7 @@ class Membership(Struct, frozen=True, omit_defaults=True):
     reason: Short | None = None
 
 
-class ModerationAction(Struct, frozen=True, omit_defaults=True):
+class ModerationAction(Struct, frozen=True, omit_defaults=True, gc=False):
     """Payload of civic.moderation.action: a moderator acted on a message or a member."""
 
     action: ModerationKind
@@ -144,7 +147,7 @@ class ModerationAction(Struct, frozen=True, omit_defaults=True):
     until: Annotated[str, Meta(max_length=64, description="RFC 3339 end of a mute or ban.")] | None = None
 
 
-class Report(Struct, frozen=True, omit_defaults=True):
+class Report(Struct, frozen=True, omit_defaults=True, gc=False):
     """Payload of civic.report.filed: reaches the moderators of linked groups.
     ``reporter`` is never shown to other platforms unless they are identified."""
 
@@ -155,7 +158,7 @@ class Report(Struct, frozen=True, omit_defaults=True):
     reporter: Actor | None = None
 
 
-class AccountRef(Struct, frozen=True, omit_defaults=True):
+class AccountRef(Struct, frozen=True, omit_defaults=True, gc=False):
     """An account on a platform linked through the gateway (``platform`` is the
     gateway operator's name for it, as in the config)."""
 
@@ -171,7 +174,7 @@ members before it sends their events (so a person the site sends has agreed);
 their messages from the linked groups; ``granted`` lets them cross again."""
 
 
-class ProfileUpdate(Struct, frozen=True, omit_defaults=True):
+class ProfileUpdate(Struct, frozen=True, omit_defaults=True, gc=False):
     """Payload of civic.profile.updated: a person changed name, identity level or consent.
 
     ``also_known_as`` names the person's older accounts on other platforms: it
@@ -183,7 +186,7 @@ class ProfileUpdate(Struct, frozen=True, omit_defaults=True):
     consent: Consent | None = None
 
 
-class AccountMove(Struct, frozen=True, omit_defaults=True):
+class AccountMove(Struct, frozen=True, omit_defaults=True, gc=False):
     """Payload of civic.account.moved: ``actor`` now lives at ``target``.
 
     Takes effect only if the target account first declared the actor's account

@@ -20,7 +20,7 @@ from gateway.ids import CanonicalId, EventId, GroupId, GroupRef, LinkName, Nativ
 T = TypeVar("T")
 
 
-class OutboxItem(Struct, frozen=True):
+class OutboxItem(Struct, frozen=True, gc=False):
     """One event waiting for one target group."""
 
     seq: int
@@ -43,7 +43,7 @@ class DeadLetter(Struct, frozen=True):
     failed_at: float
 
 
-class Mapping(Struct, frozen=True):
+class Mapping(Struct, frozen=True, gc=False):
     """A native id a delivery created: (platform, grp, kind, native) -> canonical."""
 
     platform: PlatformName
