@@ -72,6 +72,7 @@ class Delivery(Struct, frozen=True, gc=False):
     type: str
     payload: Any
     time: float
+    """When the event happened at its origin (Unix seconds)."""
     origin: PlatformName
     """The platform the event came from (for "via ..." labels)."""
 

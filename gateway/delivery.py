@@ -295,5 +295,6 @@ class DeliveryEngine:
                            if isinstance(v := getattr(payload, f, None), str) and v in found}
                 if changes:
                     payload = replace(payload, **changes)
-            out.append(Delivery(item.event_id, item.target.group, item.type, payload, item.created, item.origin))
+            out.append(Delivery(item.event_id, item.target.group, item.type, payload,
+                                item.occurred if item.occurred is not None else item.created, item.origin))
         return out

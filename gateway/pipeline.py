@@ -339,8 +339,8 @@ class Pipeline:
             event_id = EventId(ids.new_id("cge_"))
             body = _encode(payload)
             pend = " ".join(pending) or None
-            seq = tx.enqueue(route.target, event_id, etype, ev.platform, now, pend, body)
-            out.items.append(OutboxItem(seq, route.target, event_id, etype, ev.platform, now, pend, body))
+            seq = tx.enqueue(route.target, event_id, etype, ev.platform, now, pend, body, ev.time)
+            out.items.append(OutboxItem(seq, route.target, event_id, etype, ev.platform, now, pend, body, ev.time))
         if not out.items and skipped:
             return Outcome("dropped", skipped[0], degraded=degraded)
         degraded.extend(skipped)

@@ -266,3 +266,11 @@ async def test_an_event_failing_past_retry_max_age_goes_to_the_dead_letters(tmp_
         assert b.events == []
     finally:
         await stop_net(net)
+
+
+async def test_the_original_event_time_travels(net3: Net) -> None:
+    sa, b = net3.senders["a"], net3.sites["b"]
+    ev = dict(sa.event("civic.message.created", "g-a", msg("t-1", "from the past")), time="2026-01-02T03:04:05Z")
+    assert (await sa.send([ev]))[0] == 202
+    await wait_for(lambda: b.of_type("civic.message.created"), what="delivery")
+    assert b.of_type("civic.message.created")[0]["time"] == "2026-01-02T03:04:05.000+00:00"

@@ -34,6 +34,8 @@ class OutboxItem(Struct, frozen=True, gc=False):
     (their target id may only be known once earlier deliveries finish)."""
     body: bytes
     """The payload, msgpack, ids already in the target's terms where known."""
+    occurred: float | None = None
+    """When the event happened at its origin (None: as ``created``)."""
 
 
 class DeadLetter(Struct, frozen=True):
@@ -85,7 +87,7 @@ class Tx(Protocol):
         """Record a mapping; an existing one for the same native id is kept (and False returned)."""
 
     def enqueue(self, target: GroupRef, event_id: EventId, type: str, origin: PlatformName,
-                created: float, pending: str | None, body: bytes) -> int:
+                created: float, pending: str | None, body: bytes, occurred: float | None = None) -> int:
         """Append to the target group's queue; returns the sequence number."""
 
     def set_membership(self, platform: PlatformName, grp: GroupId, actor: CanonicalId,

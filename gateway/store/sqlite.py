@@ -35,6 +35,8 @@ from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
+import msgspec
+
 from gateway.ids import CanonicalId, EventId, GroupId, GroupRef, LinkName, NativeId, PlatformName
 from gateway.store.base import DeadLetter, Mapping, ModerationEntry, OutboxItem, Store
 
@@ -44,7 +46,7 @@ log = logging.getLogger("civic.store")
 MAX_JOBS_PER_COMMIT = 512
 CHECKPOINT_INTERVAL = 0.25
 WAL_TRUNCATE_BYTES = 4 * 1024 * 1024
-_OUTBOX_COLS = "seq, platform, grp, event_id, type, origin, created, pending, body"
+_OUTBOX_COLS = "seq, platform, grp, event_id, type, origin, created, pending, body, occurred"
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -60,7 +62,7 @@ def migrations() -> list[tuple[int, str]]:
 def _item(row: Sequence[Any]) -> OutboxItem:
     return OutboxItem(seq=row[0], target=GroupRef(PlatformName(row[1]), GroupId(row[2])),
                       event_id=EventId(row[3]), type=row[4], origin=PlatformName(row[5]),
-                      created=row[6], pending=row[7], body=bytes(row[8]))
+                      created=row[6], pending=row[7], body=bytes(row[8]), occurred=row[9])
 
 
 class SqliteTx:
@@ -91,10 +93,11 @@ class SqliteTx:
                               " VALUES (?, ?, ?, ?, ?, ?)", (platform, grp, kind, native, canonical, how)).rowcount == 1
 
     def enqueue(self, target: GroupRef, event_id: EventId, type: str, origin: PlatformName,
-                created: float, pending: str | None, body: bytes) -> int:
-        cur = self.c.execute("INSERT INTO outbox (platform, grp, event_id, type, origin, created, pending, body)"
-                             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                             (target.platform, target.group, event_id, type, origin, created, pending, body))
+                created: float, pending: str | None, body: bytes, occurred: float | None = None) -> int:
+        cur = self.c.execute("INSERT INTO outbox (platform, grp, event_id, type, origin, created, pending, body,"
+                             " occurred) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (target.platform, target.group, event_id, type, origin, created, pending, body,
+                              occurred))
         return int(cur.lastrowid)  # type: ignore[arg-type]
 
     def set_membership(self, platform: PlatformName, grp: GroupId, actor: CanonicalId,
@@ -412,16 +415,17 @@ class SqliteStore(Store):
         def run(tx: SqliteTx) -> None:
             tx.c.execute("DELETE FROM outbox WHERE seq = ?", (item.seq,))
             tx.c.execute("INSERT OR REPLACE INTO dead_letters (seq, platform, grp, event_id, type, origin, created,"
-                         " pending, body, error, attempts, failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         " pending, body, occurred, error, attempts, failed_at)"
+                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          (item.seq, item.target.platform, item.target.group, item.event_id, item.type, item.origin,
-                          item.created, item.pending, item.body, error[:2000], attempts, now))
+                          item.created, item.pending, item.body, item.occurred, error[:2000], attempts, now))
         await self._submit(run)
 
     async def dead_letters(self, after_seq: int = 0, limit: int = 100) -> list[DeadLetter]:
         rows = await self._submit(lambda tx: tx.c.execute(
             f"SELECT {_OUTBOX_COLS}, error, attempts, failed_at FROM dead_letters WHERE seq > ? ORDER BY seq LIMIT ?",
             (after_seq, limit)).fetchall())
-        return [DeadLetter(item=_item(r[:9]), error=r[9], attempts=r[10], failed_at=r[11]) for r in rows]
+        return [DeadLetter(item=_item(r[:10]), error=r[10], attempts=r[11], failed_at=r[12]) for r in rows]
 
     async def dead_letter_count(self) -> int:
         return await self._submit(lambda tx: tx.c.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0])
@@ -438,9 +442,9 @@ class SqliteStore(Store):
             for r in rows:
                 old = _item(r)
                 tx.c.execute("DELETE FROM dead_letters WHERE seq = ?", (old.seq,))
-                seq = tx.enqueue(old.target, old.event_id, old.type, old.origin, old.created, old.pending, old.body)
-                items.append(OutboxItem(seq, old.target, old.event_id, old.type, old.origin, old.created,
-                                        old.pending, old.body))
+                seq = tx.enqueue(old.target, old.event_id, old.type, old.origin, old.created, old.pending, old.body,
+                                 old.occurred)
+                items.append(msgspec.structs.replace(old, seq=seq))
             return items
         return await self._submit(run)
 
