@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import orjson
 from aiohttp import web
 
 from adapters.webhook import decode
@@ -53,4 +54,5 @@ async def handle(ctx: AdapterContext, config: WebhookConfig, request: web.Reques
         ctx.metrics.overloaded.labels(platform, str(exc.status)).inc()
         return web.json_response({"error": str(exc)}, status=exc.status,
                                  headers={"Retry-After": str(exc.retry_after)})
-    return web.json_response({"accepted": result.accepted, "duplicates": result.duplicates}, status=202)
+    return web.Response(body=orjson.dumps({"accepted": result.accepted, "duplicates": result.duplicates}),
+                        status=202, content_type="application/json")
