@@ -178,6 +178,7 @@ class DeliveryEngine:
             size_limit = max(1, adapter.capabilities.batch_max)
             isolate = 0  # after a permanent failure of a batch: send one by one
             attempts = 0
+            retry_n = 0  # a retry sends exactly the batch that failed (same webhook-id)
             while not self._stopping:
                 if not q.items:
                     if not q.overflow:
@@ -185,17 +186,18 @@ class DeliveryEngine:
                     await self._reload(q)
                     if not q.items:
                         break
-                n = 1 if isolate else min(size_limit, len(q.items))
+                n = 1 if isolate else min(retry_n or size_limit, len(q.items))
                 batch = [q.items[i] for i in range(n)]
                 try:
                     deliveries = await self._prepare(batch)
                     result = await adapter.deliver(deliveries)
                 except TransientDeliveryError as exc:
                     attempts += 1
+                    retry_n = n
                     self.metrics.retries.labels(q.target.platform).inc()
                     if self.clock() - batch[0].created > self.retry_max_age:
                         await self._dead(q, batch[0], f"gave up after {attempts} attempts: {exc}", attempts)
-                        attempts = 0
+                        attempts = retry_n = 0
                         continue
                     delay = self._backoff(attempts, exc.retry_after)
                     log.info("delivery to %s failed (%s); retry %d in %.1fs", q.target, exc, attempts, delay)
@@ -206,16 +208,17 @@ class DeliveryEngine:
                         isolate = n
                         continue
                     await self._dead(q, batch[0], str(exc), attempts + 1)
-                    attempts = 0
+                    attempts = retry_n = 0
                     isolate = max(0, isolate - 1)
                     continue
                 except Exception:  # an adapter bug must not stop the queue for good
                     attempts += 1
+                    retry_n = n
                     log.exception("adapter %s failed delivering to %s", q.target.platform, q.target)
                     self.metrics.retries.labels(q.target.platform).inc()
                     await self._sleep(self._backoff(attempts, None))
                     continue
-                attempts = 0
+                attempts = retry_n = 0
                 isolate = max(0, isolate - n) if isolate else 0
                 self._delivered(q, batch, result.ids)
         finally:

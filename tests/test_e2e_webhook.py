@@ -274,3 +274,25 @@ async def test_the_original_event_time_travels(net3: Net) -> None:
     assert (await sa.send([ev]))[0] == 202
     await wait_for(lambda: b.of_type("civic.message.created"), what="delivery")
     assert b.of_type("civic.message.created")[0]["time"] == "2026-01-02T03:04:05.000+00:00"
+
+
+async def test_a_retried_batch_keeps_its_webhook_id_while_more_events_queue(tmp_path: Path) -> None:
+    net = await start_net(tmp_path, ["a", "b"], batch_max=5)
+    try:
+        b = net.sites["b"]
+        b.fail_with, b.retry_after = 503, "0"
+        sa = net.senders["a"]
+        await sa.send([sa.event("civic.message.created", "g-a", msg("k-0", "first"))])
+        await wait_for(lambda: b.refused >= 1, what="first refusal")
+        for i in range(1, 4):  # more arrive while the first delivery is being retried
+            await sa.send([sa.event("civic.message.created", "g-a", msg(f"k-{i}", f"n{i}"))])
+        refused_before = b.refused
+        await wait_for(lambda: b.refused >= refused_before + 2, what="more retries")
+        b.fail_with = None
+        await wait_for(lambda: len(b.of_type("civic.message.created")) == 4, what="all four")
+        first = b.events[0]
+        assert first.event["data"]["text"] == "first"
+        assert first.webhook_id == first.event["id"]  # the retried delivery was the single first event
+        assert [e["data"]["text"] for e in b.of_type("civic.message.created")] == ["first", "n1", "n2", "n3"]
+    finally:
+        await stop_net(net)
