@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -43,6 +44,10 @@ from schemas.v1 import (
 
 _encode = msgspec.msgpack.Encoder().encode
 ACTOR_CACHE_MAX = 100_000
+ECHO_WINDOW = 600.0
+"""Seconds during which an event sent to a group is recognised if it comes back."""
+ECHO_MEMORY = 200_000
+"""Most fingerprints of sent events kept (oldest forgotten first)."""
 
 
 class Outcome(Struct):
@@ -76,6 +81,10 @@ class Pipeline:
         self.clock = clock
         self._actor_in: dict[tuple[str, str], tuple[CanonicalId, int]] = {}
         self._actor_out: dict[tuple[str, str], tuple[str, int]] = {}
+        # Fingerprints of what was just sent to each group, so that a site which
+        # sends an event straight back (its hooks fire for what the gateway
+        # posted) is recognised even where no stand-in author gives it away.
+        self._sent: OrderedDict[tuple[str, str, str, int], float] = OrderedDict()
         self._handlers: dict[str, Callable[..., Outcome]] = {
             t: getattr(self, "_in_" + t.removeprefix("civic.").replace(".", "_")) for t in EVENT_TYPES}
 
@@ -110,6 +119,8 @@ class Pipeline:
         if not routes:
             return Outcome("dropped", "unlinked")
         p = ev.payload
+        if self._sent and self._is_echo(ev, now):
+            return Outcome("dropped", "echo")
         acting = _acting_actor(p)
         acting_c: CanonicalId | None = None
         if acting is not None:
@@ -338,6 +349,7 @@ class Pipeline:
             etype = ev.type if not isinstance(payload, Report) or ev.type == "civic.report.filed" else "civic.report.filed"
             event_id = EventId(ids.new_id("cge_"))
             body = _encode(payload)
+            self._remember_sent(route.target, etype, body, now)
             pend = " ".join(pending) or None
             seq = tx.enqueue(route.target, event_id, etype, ev.platform, now, pend, body, ev.time)
             out.items.append(OutboxItem(seq, route.target, event_id, etype, ev.platform, now, pend, body, ev.time))
@@ -345,6 +357,17 @@ class Pipeline:
             return Outcome("dropped", skipped[0], degraded=degraded)
         degraded.extend(skipped)
         return out
+
+    def _remember_sent(self, target: GroupRef, etype: str, body: bytes, now: float) -> None:
+        sent = self._sent
+        sent[(target.platform, target.group, etype, hash(body))] = now + ECHO_WINDOW
+        if len(sent) > ECHO_MEMORY:
+            sent.popitem(last=False)
+
+    def _is_echo(self, ev: Inbound, now: float) -> bool:
+        key = (ev.platform, ev.group, ev.type, hash(_encode(ev.payload)))
+        expiry = self._sent.get(key)
+        return expiry is not None and expiry > now
 
     def _moderate(self, tx: Tx, ev: Inbound, source: GroupRef, action: str, subject: str,
                   member: Actor | None, by: Actor | None, reason: str | None, category: str | None,

@@ -272,7 +272,8 @@ async def test_queued_events_survive_a_gateway_restart_with_their_ids(tmp_path: 
         sa = net.senders["a"]
         for i in range(3):
             await post(sa, f"queued {i}")
-        await wait_for(lambda: len(b.first_attempted()) == 3, what="all three attempted")
+        # a failing delivery is retried exactly as it was: only the first event is attempted
+        await wait_for(lambda: len(b.first_attempted()) == 1 and b.refused >= 2, what="the first event retried")
         first_ids = b.first_attempted()
         assert b.events == []
 
@@ -293,7 +294,7 @@ async def test_queued_events_survive_a_gateway_restart_with_their_ids(tmp_path: 
         await b.start()  # the site comes back
         await wait_for(lambda: len(texts(b)) == 3, what="the queued events after the restart")
         got = b.of_type("civic.message.created")
-        assert [e["id"] for e in got] == first_ids
+        assert got[0]["id"] == first_ids[0]  # the same CloudEvent id after the restart
         assert texts(b) == [f"queued {i}" for i in range(3)]
 
         # and the new gateway carries on normally

@@ -296,3 +296,27 @@ async def test_a_retried_batch_keeps_its_webhook_id_while_more_events_queue(tmp_
         assert [e["data"]["text"] for e in b.of_type("civic.message.created")] == ["first", "n1", "n2", "n3"]
     finally:
         await stop_net(net)
+
+
+async def test_echoed_reports_deletions_and_moderation_do_not_loop(net3: Net) -> None:
+    """Events with no stand-in author to give the echo away (an anonymous
+    report, a deletion, a moderator's action) are recognised as echoes by
+    what was just sent to that group."""
+    a, b, c = (net3.sites[n] for n in "abc")
+    sa = net3.senders["a"]
+    await sa.send([sa.event("civic.message.created", "g-a", msg("e-1", "to be reported"))])
+    await wait_for(lambda: b.of_type("civic.message.created") and c.of_type("civic.message.created"), what="copies")
+    b.echo_to = net3.senders["b"]  # from now on b sends back everything it receives
+    await sa.send([
+        sa.event("civic.report.filed", "g-a", {"message": "e-1", "category": "spam", "text": "ads"}),
+        sa.event("civic.moderation.action", "g-a", {"action": "kick", "member": {"id": "zz", "name": "Zz"},
+                                                    "reason": "rules"}),
+        sa.event("civic.message.deleted", "g-a", {"id": "e-1"}),
+    ], batch=True)
+    await wait_for(lambda: c.of_type("civic.message.deleted") and b.of_type("civic.message.deleted"),
+                   what="relayed")
+    await _settle(net3)
+    assert a.events == []
+    assert [r.event["type"] for r in c.events] == [
+        "civic.message.created", "civic.report.filed", "civic.moderation.action", "civic.message.deleted"]
+    assert net3.gw.metrics.dropped.labels("b", "echo")._value.get() == 3
