@@ -11,8 +11,6 @@ moderation log. The steps are small methods, cheapest first.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -25,6 +23,7 @@ from gateway import ids
 from gateway.adapter import Capabilities, Inbound
 from gateway.config import LinkConfig
 from gateway.ids import ACTOR, MESSAGE, CanonicalId, EventId, GroupRef, LinkName, PlatformName
+from gateway.people import People
 from gateway.router import Route, Router
 from gateway.sanitize import clean_html, clean_text
 from gateway.store.base import ModerationEntry, OutboxItem, Tx
@@ -42,7 +41,6 @@ from schemas.v1 import (
 )
 
 _encode = msgspec.msgpack.Encoder().encode
-ACTOR_CACHE_MAX = 100_000
 ECHO_WINDOW = 600.0
 """Seconds during which an event sent to a group is recognised if it comes back."""
 ECHO_MEMORY = 50_000
@@ -75,12 +73,10 @@ class Pipeline:
                  clock: Callable[[], float] = time.time) -> None:
         self.router = router
         self.capabilities = dict(capabilities)
-        self._ghost_key = ghost_key
         self.bans = bans
         self.withdrawn = withdrawn if withdrawn is not None else set()
         self.clock = clock
-        self._actor_in: dict[tuple[str, str], tuple[CanonicalId, int]] = {}
-        self._actor_out: dict[tuple[str, str], tuple[str, int]] = {}
+        self.people = People(ghost_key)
         # Fingerprints of what was just sent to each group, so that a site which
         # sends an event straight back (its hooks fire for what the gateway
         # posted) is recognised even where no stand-in author gives it away.
@@ -92,8 +88,7 @@ class Pipeline:
 
     def invalidate(self) -> None:
         """Forget the caches (after a transaction failed to commit)."""
-        self._actor_in.clear()
-        self._actor_out.clear()
+        self.people.clear()
 
     # -- before the store ------------------------------------------------------------
     @staticmethod
@@ -126,7 +121,7 @@ class Pipeline:
         acting = _acting_actor(p)
         acting_c: CanonicalId | None = None
         if acting is not None:
-            acting_c, how, _ = self._actor_from(tx, source, acting)
+            acting_c, how, _ = self.people.resolve(tx, source, acting)
             if how != ids.ORIGIN:
                 return Outcome("dropped", "echo")
             if acting_c in self.withdrawn and not (isinstance(p, ProfileUpdate) and p.consent == "granted"):
@@ -173,10 +168,10 @@ class Pipeline:
             return _degrade(replace(
                 p,
                 id=target_id(tx, t, pending),
-                author=self._actor_to(tx, author, p.author, t),
+                author=self.people.show(tx, author, p.author, t),
                 reply_to=self._message_to(tx, reply, t, pending, optional=True, degraded=degraded),
                 thread=self._message_to(tx, thread, t, pending, optional=True, degraded=degraded),
-                mentions=tuple(self._actor_to(tx, mc, m, t) for mc, m in mentions),
+                mentions=tuple(self.people.show(tx, mc, m, t) for mc, m in mentions),
             ), self.capabilities.get(t.platform), degraded)
 
         return self._fan_out(tx, ev, routes, build, now, author, degraded)
@@ -195,7 +190,7 @@ class Pipeline:
         def build(tx: Tx, route: Route, pending: list[str]) -> MessageDeletion:
             t = route.target
             return replace(p, id=self._message_to(tx, c, t, pending),
-                           by=self._actor_to(tx, by, p.by, t) if p.by and by else None)
+                           by=self.people.show(tx, by, p.by, t) if p.by and by else None)
 
         return self._fan_out(tx, ev, routes, build, now, None, [])
 
@@ -213,7 +208,7 @@ class Pipeline:
             if caps is not None and not caps.reactions:
                 raise _Skip("reaction_unsupported")
             return replace(p, message=self._message_to(tx, c, t, pending),
-                           author=self._actor_to(tx, author, p.author, t))
+                           author=self.people.show(tx, author, p.author, t))
 
         return self._fan_out(tx, ev, routes, build, now, author, [])
 
@@ -230,8 +225,8 @@ class Pipeline:
 
         def build(tx: Tx, route: Route, pending: list[str]) -> Membership:
             t = route.target
-            return replace(p, member=self._actor_to(tx, member, member_actor, t),
-                           by=self._actor_to(tx, by, by_actor, t) if by and by_actor else None)
+            return replace(p, member=self.people.show(tx, member, member_actor, t),
+                           by=self.people.show(tx, by, by_actor, t) if by and by_actor else None)
 
         return self._fan_out(tx, ev, routes, build, now, None, [])
 
@@ -247,8 +242,8 @@ class Pipeline:
         def build(tx: Tx, route: Route, pending: list[str]) -> ModerationAction | Report:
             t = route.target
             out = replace(p, message=self._message_to(tx, msg, t, pending) if msg else None,
-                          member=self._actor_to(tx, member, member_actor, t) if member and member_actor else None,
-                          by=self._actor_to(tx, by, p.by, t) if by and p.by else None)
+                          member=self.people.show(tx, member, member_actor, t) if member and member_actor else None,
+                          by=self.people.show(tx, by, p.by, t) if by and p.by else None)
             if route.link.moderation == "advise":
                 return Report(category=p.category or "other", message=out.message, member=out.member,
                               text=f"Advice from the moderators of a linked group: {p.action}"
@@ -265,13 +260,13 @@ class Pipeline:
         def build(tx: Tx, route: Route, pending: list[str]) -> Report:
             t = route.target
             out_msg = self._message_to(tx, msg, t, pending, optional=True, degraded=[]) if msg else None
-            out_member = self._actor_to(tx, member, member_actor, t) if member and member_actor else None
+            out_member = self.people.show(tx, member, member_actor, t) if member and member_actor else None
             if out_msg is None and out_member is None:
                 raise _Skip("report_target_unknown")
             # A reporter crosses only if they chose to be identified.
             show = p.reporter is not None and reporter is not None and p.reporter.identity == "identified"
             return replace(p, message=out_msg, member=out_member,
-                           reporter=self._actor_to(tx, reporter, p.reporter, t) if show else None)  # type: ignore[arg-type]
+                           reporter=self.people.show(tx, reporter, p.reporter, t) if show else None)  # type: ignore[arg-type]
 
         return self._fan_out(tx, ev, routes, build, now, None, [])
 
@@ -288,7 +283,7 @@ class Pipeline:
             return Outcome("dropped", "anonymous")  # nothing of them crosses a link
 
         def build(tx: Tx, route: Route, pending: list[str]) -> ProfileUpdate:
-            return ProfileUpdate(actor=self._actor_to(tx, actor, p.actor, route.target))
+            return ProfileUpdate(actor=self.people.show(tx, actor, p.actor, route.target))
 
         return self._fan_out(tx, ev, routes, build, now, actor, [])
 
@@ -300,13 +295,12 @@ class Pipeline:
         # The new account is the same person from now on: their memberships,
         # bans and messages follow them.
         tx.remap(target, "", ACTOR, p.target.id, actor)
-        self._actor_in.clear()
-        self._actor_out.clear()
+        self.people.clear()
         if p.actor.identity == "anonymous":
             return Outcome("accepted")
 
         def build(tx: Tx, route: Route, pending: list[str]) -> AccountMove:
-            return replace(p, actor=self._actor_to(tx, actor, p.actor, route.target))
+            return replace(p, actor=self.people.show(tx, actor, p.actor, route.target))
 
         return self._fan_out(tx, ev, routes, build, now, actor, [])
 
@@ -389,53 +383,8 @@ class Pipeline:
                     self.bans.discard(key)
 
     def _actor_ref(self, tx: Tx, source: GroupRef, actor: Actor) -> tuple[CanonicalId, Actor]:
-        c, _how, actor = self._actor_from(tx, source, actor)
+        c, _how, actor = self.people.resolve(tx, source, actor)
         return c, actor
-
-    def _actor_from(self, tx: Tx, source: GroupRef, actor: Actor) -> tuple[CanonicalId, int, Actor]:
-        """Canonical id of a person as the source platform names them (new ones
-        get one), how the platform came by that id, and the person as they may
-        be shown: someone known to the source only by an anonymous stand-in
-        stays anonymous, whatever the event claims."""
-        key = (source.platform, actor.id)
-        hit = self._actor_in.get(key)
-        if hit is not None:
-            return hit[0], hit[1], actor
-        hit = tx.lookup(source.platform, "", ACTOR, actor.id)
-        if hit is None and actor.id.startswith("anon_"):
-            hit = tx.lookup(source.platform, source.group, ACTOR, actor.id)
-            if hit is not None:  # per-group stand-ins are not cached by platform
-                return hit[0], hit[1], Actor(id=actor.id, identity="anonymous")
-        if hit is None:
-            hit = (ids.new_actor_id(), ids.ORIGIN)
-            tx.map(source.platform, "", ACTOR, actor.id, hit[0], ids.ORIGIN)
-        if len(self._actor_in) > ACTOR_CACHE_MAX:
-            self._actor_in.clear()
-        self._actor_in[key] = hit
-        return hit[0], hit[1], actor
-
-    def _actor_to(self, tx: Tx, c: CanonicalId, actor: Actor, target: GroupRef) -> Actor:
-        """How a person appears on the target: their own account there if they
-        have one, else a stand-in that shows no more than their identity level
-        (an anonymous person gets a different, unlinkable stand-in per group)."""
-        key = (c, target.platform)
-        own = self._actor_out.get(key)
-        if own is None:
-            own = tx.native_for(c, target.platform, "", ACTOR) or ("", ids.SENT)
-            if len(self._actor_out) > ACTOR_CACHE_MAX:
-                self._actor_out.clear()
-            self._actor_out[key] = own
-        if own[1] != ids.SENT:
-            return Actor(id=own[0], name=actor.name, identity=actor.identity)
-        if actor.identity == "anonymous":
-            digest = hmac.new(self._ghost_key, f"{c}|{target.platform}|{target.group}".encode(), hashlib.sha256)
-            ghost = "anon_" + digest.hexdigest()[:24]
-            tx.map(target.platform, target.group, ACTOR, ghost, c, ids.SENT)
-            return Actor(id=ghost, identity="anonymous")
-        if not own[0]:
-            tx.map(target.platform, "", ACTOR, c, c, ids.SENT)
-            own = self._actor_out[key] = (c, ids.SENT)
-        return Actor(id=own[0], name=actor.name, identity=actor.identity)
 
     @staticmethod
     def _message_from(tx: Tx, source: GroupRef, native: str | None, degraded: list[str], reason: str) -> CanonicalId | None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-import msgspec
 from msgspec import Meta, Struct
 
 SCHEMA_VERSION = 1

@@ -71,7 +71,7 @@ async def test_message_reply_edit_reaction_delete_carry_each_sites_ids(net3: Net
 
 
 async def test_membership_and_moderation_removal_arrive_and_are_logged_publicly(net3: Net) -> None:
-    a, b = net3.sites["a"], net3.sites["b"]
+    b = net3.sites["b"]
     sa = net3.senders["a"]
     await sa.send([sa.event("civic.message.created", "g-a", msg("m-9", "buy cheap pills", author="spammer",
                                                                   name="Spammer"))])

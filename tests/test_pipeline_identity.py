@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from gateway.app import Gateway
 from tests.conftest import Net, start_net, stop_net
