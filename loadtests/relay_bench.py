@@ -1,30 +1,39 @@
 """Relay benchmark: webhook site -> target -> webhook site, single events and batches.
 
-    python -m loadtests.relay_bench [--target gateway|minimal|both] [--duration S] [--quick]
+    python -m loadtests.relay_bench [--target gateway|minimal|both] [--rounds N] [--duration S] [--quick]
 
 For each target (the gateway, ``python -m gateway.cli run``, and/or the
 non-durable reference ``python -m loadtests.minimal_relay``) it writes a TOML
 config with two webhook platforms, ``a`` (this process sends as it) and ``b``
-(the in-process sink), and 8 links ``{a, gN} <-> {b, gN}``; starts the target
-as a separate process on a free 127.0.0.1 port; waits for ``GET /healthz``;
-then runs, from this process (uvloop, keep-alive aiohttp client, bounded
-concurrency):
+(that target's in-process sink), and 8 links ``{a, gN} <-> {b, gN}``; starts
+every target as a separate process on a free 127.0.0.1 port (each with its own
+temp dir, config and sink) and waits for ``GET /healthz`` on all of them before
+measuring anything. Then, from this process (uvloop, keep-alive aiohttp
+client, bounded concurrency), it warms every target up and runs the phases
+interleaved:
 
-  warm-up   a few hundred single events, not reported;
+  warm-up   a few hundred single events per target, not reported;
   single    N single signed CloudEvents as fast as possible;
   batch     batches of 100 events as fast as possible;
   rate      single events at a fixed 1,000/s for --duration seconds.
 
+Each phase runs ``--rounds`` times on every target before the next phase
+starts, and the order of the targets alternates per round (gateway, minimal;
+minimal, gateway; ... -- ABBA), so a VM whose speed drifts over minutes affects
+both targets alike. Each round of a phase has its own sink key (``single_r1``,
+``single_r2``, ...). The figures reported are medians over the rounds, each
+round's figure is printed as well, and the ratio is taken from the medians.
+
 Throughput is distinct events received by the sink / (last arrival - first
 send). Latency is sink arrival - send time (both ``time.time_ns()`` on this
-machine; the send time travels in ``data.text``). CPU per message is the
-target's utime+stime (``/proc/PID/stat``, its process tree) over the phase
-divided by events relayed; peak RSS is ``VmHWM`` after the single phase and at
-the end. Every event must
-arrive exactly once: lost and duplicate counts are printed, and the exit
-status is 1 if any target failed, lost or duplicated.
+machine; the send time travels in ``data.text``). CPU per message is that
+target's utime+stime (``/proc/PID/stat``, its process tree) over that target's
+phase only, divided by events relayed; peak RSS is ``VmHWM`` after the single
+phase and at the end. Every event must arrive exactly once: lost and duplicate
+counts are printed, and the exit status is 1 if any target failed, refused,
+lost or duplicated.
 
-Load generator, sink and target share this machine's cores, so absolute
+Load generator, sinks and targets share this machine's cores, so absolute
 figures say little: compare the gateway with the minimal relay of the same
 run (the ratio column).
 """
@@ -40,6 +49,7 @@ import os
 import resource
 import shutil
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -70,9 +80,10 @@ TARGETS = {
 @dataclass(frozen=True)
 class Settings:
     warmup: int = 1000          # single events before measuring
-    single: int = 20000         # events in the single-event phase
-    batch: int = 200000         # events in the batch phase (batches of BATCH_SIZE)
-    duration: float = 20.0      # seconds of the fixed-rate phase
+    single: int = 10000         # events in one round of the single-event phase
+    batch: int = 100000         # events in one round of the batch phase (batches of BATCH_SIZE)
+    duration: float = 10.0      # seconds of one round of the fixed-rate phase
+    rounds: int = 2             # rounds of every phase on every target (ABBA order)
     rate: float = 1000.0        # events/s in the fixed-rate phase
     concurrency: int = 64       # requests in flight from the generator
     send_cap: float = 30.0      # a closed-loop phase stops sending after this many seconds
@@ -81,7 +92,7 @@ class Settings:
     start_timeout: float = 30.0 # for /healthz after starting the target
 
 
-QUICK = Settings(warmup=200, single=2000, batch=10000, duration=3.0, send_cap=8.0,
+QUICK = Settings(warmup=200, single=2000, batch=10000, duration=3.0, rounds=1, send_cap=8.0,
                  drain_timeout=8.0, stall=3.0, start_timeout=15.0)
 
 
@@ -290,7 +301,7 @@ def percentile(sorted_values: list[int], q: float) -> float:
 
 @dataclass
 class PhaseResult:
-    phase: str
+    phase: str                # e.g. "single_r1": the phase and round, the sink's key
     sent: int
     accepted: int
     received: int
@@ -309,6 +320,7 @@ class PhaseResult:
     target_cores: float       # the target's CPU seconds per second of the phase
     bench_cores: float        # this process's (generator + sink) CPU seconds per second
     other_cores: float        # CPU used by other processes on the machine during the phase (noise)
+    send_lag_p99_ms: float = float("nan")  # fixed-rate phase: how late sends started (generator lag)
 
 
 async def measure(phase: str, pid: int, sender: Sender, sink: Sink, settings: Settings, send) -> PhaseResult:
@@ -392,11 +404,19 @@ def fixed_rate(sender: Sender, phase: str, settings: Settings, lag_ms: list[floa
     return send
 
 
+PHASES = ("single", "batch", "rate")
+
+
+def median(values: list[float]) -> float:
+    values = [v for v in values if v == v]  # NaN is not a figure
+    return statistics.median(values) if values else float("nan")
+
+
 @dataclass
 class TargetResult:
     target: str
     error: str | None = None
-    phases: dict[str, PhaseResult] = field(default_factory=dict)
+    rounds: dict[str, list[PhaseResult]] = field(default_factory=dict)  # phase -> its rounds, in order
     peak_rss_mb: float = float("nan")
     statuses: dict[str, int] = field(default_factory=dict)
     retries: int = 0
@@ -407,89 +427,154 @@ class TargetResult:
     bad_body: int = 0
     unmarked: int = 0
     event_bytes: int = 0
-    rate_lag_p99_ms: float = float("nan")
+    rate_lag_p99_ms: float = float("nan")  # median over the rounds of the fixed-rate phase
+
+    def all_phases(self) -> list[PhaseResult]:
+        return [p for rounds in self.rounds.values() for p in rounds]
 
     @property
     def faulty(self) -> bool:
         return bool(self.error or self.refused or self.echoes or self.bad_signature or self.bad_body
-                    or any(p.lost or p.duplicates for p in self.phases.values()))
+                    or any(p.lost or p.duplicates for p in self.all_phases()))
 
 
-async def run_target(target: str, settings: Settings) -> TargetResult:
-    result = TargetResult(target)
-    result.event_bytes = len(encoder.encode(make_event("single", 0, time.time_ns())))
-    secrets = {"a": new_secret(), "b": new_secret()}
-    keys = {name: secret_key(s) for name, s in secrets.items()}
-    sink = Sink(keys)
-    tmp = Path(tempfile.mkdtemp(prefix=f"relay-bench-{target}-"))
-    proc: subprocess.Popen | None = None
-    sender: Sender | None = None
-    try:
-        await sink.start()
-        port = free_port()
-        cfg, log = tmp / "config.toml", tmp / "target.log"
-        write_config(cfg, target, port, secrets, sink)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-        with open(log, "wb") as logf:
-            proc = subprocess.Popen([sys.executable, *TARGETS[target], str(cfg)], cwd=REPO, env=env,
-                                    stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
-        await wait_healthy(proc, port, settings.start_timeout, log)
-        connector = aiohttp.TCPConnector(limit=max(settings.concurrency, 256), keepalive_timeout=60)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
-            sender = Sender(f"http://127.0.0.1:{port}/v1/platforms/a/events", keys["a"], session,
-                            alive=lambda: proc.poll() is None)
-            await measure("warm", proc.pid, sender, sink, settings,
-                          closed_loop(sender, "warm", settings.warmup, 1, settings))
-            if not sender.accepted.get("warm"):
-                raise RuntimeError(f"nothing accepted in the warm-up; last answer: {sender.last_error}")
-            result.phases["single"] = await measure("single", proc.pid, sender, sink, settings,
-                                                    closed_loop(sender, "single", settings.single, 1, settings))
-            result.phases["batch"] = await measure("batch", proc.pid, sender, sink, settings,
-                                                   closed_loop(sender, "batch", settings.batch, BATCH_SIZE, settings))
-            lag: list[float] = []
-            result.phases["rate"] = await measure("rate", proc.pid, sender, sink, settings,
-                                                  fixed_rate(sender, "rate", settings, lag))
-            lag.sort()
-            result.rate_lag_p99_ms = percentile(lag, 0.99)
-        result.peak_rss_mb = peak_rss_mb(proc.pid)
-        if proc.poll() is not None:
-            result.error = f"exited with status {proc.returncode} during the run:\n{log_tail(log)}"
-    except Exception as exc:  # report and go on with the next target
+class TargetRun:
+    """One target process with its own temp dir, config, port, sink and client session, kept
+    alive for the whole run so that its phases can be interleaved with the other target's."""
+
+    def __init__(self, target: str, settings: Settings) -> None:
+        self.target, self.settings = target, settings
+        self.result = TargetResult(target)
+        self.result.event_bytes = len(encoder.encode(make_event("single_r1", 0, time.time_ns())))
+        self.secrets = {"a": new_secret(), "b": new_secret()}
+        self.keys = {name: secret_key(s) for name, s in self.secrets.items()}
+        self.sink = Sink(self.keys)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"relay-bench-{target}-"))
+        self.log = self.tmp / "target.log"
+        self.proc: subprocess.Popen | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.sender: Sender | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result.error is None
+
+    def fail(self, exc: BaseException) -> None:
+        """Record the failure and stop the target, so it does not disturb the other one."""
         while isinstance(exc, ExceptionGroup):
             exc = exc.exceptions[0]
-        result.error = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, TargetDied):
-            result.error += f"\n{log_tail(log)}"
-    finally:
-        if proc is not None:
-            stop_process(proc)
-        if sender is not None:
-            result.statuses = {str(k): v for k, v in sorted(sender.statuses.items())}
-            result.retries, result.refused, result.last_error = sender.retries, sender.refused, sender.last_error
-        result.echoes = sink.events_by_name["a"]
-        result.bad_signature, result.bad_body = sink.bad_signature, sink.bad_body
-        result.unmarked = len(sink.unmarked)
-        await sink.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-    return result
+        msg = str(exc) if isinstance(exc, RuntimeError) and type(exc) is RuntimeError else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, TargetDied) or (self.proc is not None and self.proc.poll() is not None):
+            status = self.proc.returncode if self.proc is not None else None
+            tail = log_tail(self.log)
+            msg += f" (exit status {status})" + (f"\n{tail}" if tail else "")
+        self.result.error = msg
+        print(f"  {self.target} FAILED: {msg}", flush=True)
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    async def start(self) -> None:
+        try:
+            await self.sink.start()
+            port = free_port()
+            cfg = self.tmp / "config.toml"
+            write_config(cfg, self.target, port, self.secrets, self.sink)
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+            with open(self.log, "wb") as logf:
+                self.proc = subprocess.Popen([sys.executable, *TARGETS[self.target], str(cfg)], cwd=REPO, env=env,
+                                             stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
+            await wait_healthy(self.proc, port, self.settings.start_timeout, self.log)
+            connector = aiohttp.TCPConnector(limit=max(self.settings.concurrency, 256), keepalive_timeout=60)
+            self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30))
+            proc = self.proc
+            self.sender = Sender(f"http://127.0.0.1:{port}/v1/platforms/a/events", self.keys["a"], self.session,
+                                 alive=lambda: proc.poll() is None)
+            print(f"  {self.target} started: pid {self.proc.pid}, port {port}", flush=True)
+        except Exception as exc:
+            self.fail(exc)
+
+    async def warm_up(self) -> None:
+        if not self.ok:
+            return
+        try:
+            await measure("warm", self.proc.pid, self.sender, self.sink, self.settings,
+                          closed_loop(self.sender, "warm", self.settings.warmup, 1, self.settings))
+            if not self.sender.accepted.get("warm"):
+                raise RuntimeError(f"nothing accepted in the warm-up; last answer: {self.sender.last_error}")
+        except Exception as exc:
+            self.fail(exc)
+
+    async def run_phase(self, phase: str, rnd: int) -> PhaseResult | None:
+        """One round of ``phase`` on this target; its sink key is e.g. ``single_r1``."""
+        if not self.ok:
+            return None
+        s, name, lag = self.settings, f"{phase}_r{rnd}", []
+        if phase == "single":
+            send = closed_loop(self.sender, name, s.single, 1, s)
+        elif phase == "batch":
+            send = closed_loop(self.sender, name, s.batch, BATCH_SIZE, s)
+        else:
+            send = fixed_rate(self.sender, name, s, lag)
+        try:
+            r = await measure(name, self.proc.pid, self.sender, self.sink, s, send)
+        except Exception as exc:
+            self.fail(exc)
+            return None
+        if lag:
+            lag.sort()
+            r.send_lag_p99_ms = percentile(lag, 0.99)
+        self.result.rounds.setdefault(phase, []).append(r)
+        if self.proc.poll() is not None:
+            self.fail(RuntimeError("exited during the run"))
+        return r
+
+    async def close(self) -> None:
+        r = self.result
+        try:
+            if self.proc is not None:
+                if self.proc.poll() is None:
+                    r.peak_rss_mb = peak_rss_mb(self.proc.pid)
+                elif r.error is None:
+                    r.error = f"exited with status {self.proc.returncode} during the run:\n{log_tail(self.log)}"
+                stop_process(self.proc)
+            if self.session is not None:
+                await self.session.close()
+            if self.sender is not None:
+                r.statuses = {str(k): v for k, v in sorted(self.sender.statuses.items())}
+                r.retries, r.refused, r.last_error = self.sender.retries, self.sender.refused, self.sender.last_error
+            r.rate_lag_p99_ms = median([p.send_lag_p99_ms for p in r.rounds.get("rate", [])])
+            r.echoes = self.sink.events_by_name["a"]
+            r.bad_signature, r.bad_body = self.sink.bad_signature, self.sink.bad_body
+            r.unmarked = len(self.sink.unmarked)
+            await self.sink.stop()
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 # --- reporting ---------------------------------------------------------------
+
+def print_phase(target: str, p: PhaseResult) -> None:
+    """One round of one phase on one target, printed as soon as it is measured."""
+    print(f"  {p.phase:<9} {target:<8} {p.msgs_per_s:>9,.0f} msg/s over {p.seconds:.2f} s "
+          f"(accepted {p.ingest_per_s:,.0f}/s); p50 {p.p50_ms:.2f} p99 {p.p99_ms:.2f} max {p.max_ms:.1f} ms; "
+          f"sent {p.sent} accepted {p.accepted} received {p.received} lost {p.lost} dup {p.duplicates}"
+          f"{'' if p.drained else ' (drain timed out)'}")
+    print(f"  {'':<18} CPU: target {p.cpu_us_per_msg:.0f} µs/msg ({p.target_cores:.2f} cores), "
+          f"generator+sinks {p.bench_cpu_us_per_msg:.0f} µs/msg ({p.bench_cores:.2f} cores), "
+          f"other processes {p.other_cores:.2f} cores{' (noisy run)' if p.other_cores > 0.2 else ''}; "
+          f"target peak RSS so far {p.rss_peak_mb:.0f} MB", flush=True)
+
 
 def print_target(r: TargetResult) -> None:
     print(f"\n== {r.target} ==")
     if r.error:
         print(f"  FAILED: {r.error}")
-    for p in r.phases.values():
-        print(f"  {p.phase:<6} sent {p.sent:>6}  accepted {p.accepted:>6}  received {p.received:>6}  "
-              f"lost {p.lost}  dup {p.duplicates}{'' if p.drained else '  (drain timed out)'}")
-        print(f"         {p.msgs_per_s:>9,.0f} msg/s end-to-end over {p.seconds:.2f} s "
-              f"(accepted {p.ingest_per_s:,.0f}/s); latency p50 {p.p50_ms:.2f} ms p99 {p.p99_ms:.2f} ms "
-              f"max {p.max_ms:.1f} ms; target peak RSS so far {p.rss_peak_mb:.0f} MB")
-        print(f"         CPU: target {p.cpu_us_per_msg:.0f} µs/msg ({p.target_cores:.2f} cores), "
-              f"generator+sink {p.bench_cpu_us_per_msg:.0f} µs/msg ({p.bench_cores:.2f} cores), "
-              f"other processes {p.other_cores:.2f} cores{' (noisy run)' if p.other_cores > 0.2 else ''}")
-    if r.phases:
+    phases = r.all_phases()
+    if phases:
+        print(f"  {len(phases)} measured phase rounds: sent {sum(p.sent for p in phases)}, accepted "
+              f"{sum(p.accepted for p in phases)}, received {sum(p.received for p in phases)}, lost "
+              f"{sum(p.lost for p in phases)}, duplicate {sum(p.duplicates for p in phases)}; other processes "
+              f"at most {max(p.other_cores for p in phases):.2f} cores in any of them")
         print(f"  event size {r.event_bytes} B; peak RSS {r.peak_rss_mb:.1f} MB; statuses {r.statuses}; "
               f"retries {r.retries}; refused {r.refused}; fixed-rate send lag p99 {r.rate_lag_p99_ms:.2f} ms")
         if r.last_error:
@@ -499,43 +584,61 @@ def print_target(r: TargetResult) -> None:
                   f"bad body {r.bad_body}, unmarked events {r.unmarked}")
 
 
+# (label, phase, figure of one round, how rounds combine, format); phase None: whole-run figures
 FIGURES = (
-    ("single-event throughput (msg/s)", lambda r: r.phases["single"].msgs_per_s, "{:,.0f}"),
-    ("batch-of-100 throughput (msg/s)", lambda r: r.phases["batch"].msgs_per_s, "{:,.0f}"),
-    ("latency p50 at 1k/s (ms)", lambda r: r.phases["rate"].p50_ms, "{:.2f}"),
-    ("latency p99 at 1k/s (ms)", lambda r: r.phases["rate"].p99_ms, "{:.2f}"),
-    ("CPU per msg, single (µs)", lambda r: r.phases["single"].cpu_us_per_msg, "{:.0f}"),
-    ("CPU per msg, batch (µs)", lambda r: r.phases["batch"].cpu_us_per_msg, "{:.0f}"),
-    ("peak RSS after single phase (MB)", lambda r: r.phases["single"].rss_peak_mb, "{:.1f}"),
-    ("peak RSS at the end (MB)", lambda r: r.peak_rss_mb if r.phases["rate"] else None, "{:.1f}"),
-    ("lost / duplicate", lambda r: (sum(p.lost for p in r.phases.values()),
-                                    sum(p.duplicates for p in r.phases.values())) if r.phases else None, None),
+    ("single-event throughput (msg/s)", "single", lambda p: p.msgs_per_s, median, "{:,.0f}"),
+    ("batch-of-100 throughput (msg/s)", "batch", lambda p: p.msgs_per_s, median, "{:,.0f}"),
+    ("latency p50 at 1k/s (ms)", "rate", lambda p: p.p50_ms, median, "{:.2f}"),
+    ("latency p99 at 1k/s (ms)", "rate", lambda p: p.p99_ms, median, "{:.2f}"),
+    ("CPU per msg, single (µs)", "single", lambda p: p.cpu_us_per_msg, median, "{:.0f}"),
+    ("CPU per msg, batch (µs)", "batch", lambda p: p.cpu_us_per_msg, median, "{:.0f}"),
+    ("peak RSS after single phase (MB)", "single", lambda p: p.rss_peak_mb, max, "{:.1f}"),
 )
 
 
-def print_table(results: list[TargetResult], settings: Settings) -> None:
+def figure_values(r: TargetResult) -> dict[str, tuple[object, list[float]]]:
+    """label -> (the reported value, the per-round values it came from)."""
+    out: dict[str, tuple[object, list[float]]] = {}
+    for label, phase, get, combine, _ in FIGURES:
+        rounds = [get(p) for p in r.rounds.get(phase, [])]
+        out[label] = (combine(rounds) if rounds else None, rounds)
+    out["peak RSS at the end (MB)"] = (r.peak_rss_mb if r.rounds.get("rate") and r.peak_rss_mb == r.peak_rss_mb
+                                       else None, [])
+    phases = r.all_phases()
+    out["lost / duplicate"] = ((sum(p.lost for p in phases), sum(p.duplicates for p in phases))
+                               if phases else None, [])
+    return out
+
+
+FORMATS = {label: fmt for label, _, _, _, fmt in FIGURES} | {"peak RSS at the end (MB)": "{:.1f}",
+                                                             "lost / duplicate": None}
+
+
+def print_table(results: list[TargetResult], settings: Settings, seconds: float) -> None:
     names = [r.target for r in results]
     ratio = {"gateway", "minimal"} <= set(names)
-    header = ["figure", *names] + (["gateway/minimal"] if ratio else [])
+    show_rounds = settings.rounds > 1
+    header = (["figure", *names] + (["gateway/minimal"] if ratio else [])
+              + ([f"{n} rounds" for n in names] if show_rounds else []))
+    values = {r.target: figure_values(r) for r in results}
     rows = []
-    for label, get, fmt in FIGURES:
-        values = {}
-        for r in results:
-            try:
-                values[r.target] = get(r)
-            except KeyError:
-                values[r.target] = None
-        cells = []
-        for name in names:
-            v = values[name]
-            cells.append("n/a" if v is None else f"{v[0]} / {v[1]}" if fmt is None else fmt.format(v))
+    for label, fmt in FORMATS.items():
+        def cell(v: object) -> str:
+            return "n/a" if v is None else f"{v[0]} / {v[1]}" if fmt is None else fmt.format(v)
+        row = [label, *(cell(values[n][label][0]) for n in names)]
         if ratio:
-            g, m = values["gateway"], values["minimal"]
-            cells.append(f"{g / m:.2f}" if fmt and g is not None and m else "")
-        rows.append([label, *cells])
+            g, m = values["gateway"][label][0], values["minimal"][label][0]
+            row.append(f"{g / m:.2f}" if fmt and g is not None and m else "")
+        if show_rounds:
+            row += [" ".join(fmt.format(v) for v in values[n][label][1]) if fmt else "" for n in names]
+        rows.append(row)
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    print(f"\n{len(names)} target(s), {os.cpu_count()} cores; single {settings.single}, batch {settings.batch} "
-          f"events, {settings.rate:.0f}/s for {settings.duration:.0f} s, {settings.concurrency} in flight")
+    order = (("interleaved per phase, ABBA order" if settings.rounds > 1 else "interleaved per phase")
+             if len(names) > 1 else "one target")
+    print(f"\n{len(names)} target(s), {os.cpu_count()} cores; per round: single {settings.single}, batch "
+          f"{settings.batch} events, {settings.rate:.0f}/s for {settings.duration:.0f} s; {settings.rounds} "
+          f"round(s) ({order}), figures are medians over rounds; {settings.concurrency} in flight; "
+          f"run time {seconds:.0f} s")
     for i, row in enumerate([header, *rows]):
         print("| " + " | ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w)
                                 for j, (c, w) in enumerate(zip(row, widths))) + " |")
@@ -544,32 +647,63 @@ def print_table(results: list[TargetResult], settings: Settings) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    # SIGINT/SIGTERM cancel the run, so the finally blocks stop the target and remove temp files.
+    # SIGINT/SIGTERM cancel the run, so the finally blocks stop the targets and remove temp files.
     loop, task = asyncio.get_running_loop(), asyncio.current_task()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
+    t0 = time.monotonic()
     settings = QUICK if args.quick else Settings()
-    overrides = {k: v for k, v in (("duration", args.duration), ("concurrency", args.concurrency)) if v is not None}
+    overrides = {k: v for k, v in (("duration", args.duration), ("concurrency", args.concurrency),
+                                   ("rounds", args.rounds)) if v is not None}
     settings = Settings(**{**asdict(settings), **overrides})
     targets = ["gateway", "minimal"] if args.target == "both" else [args.target]
-    results = []
-    for target in targets:
-        r = await run_target(target, settings)
+    runs: list[TargetRun] = []
+    try:
+        # Start every target before measuring anything; they stay up for the whole run.
+        for target in targets:
+            runs.append(TargetRun(target, settings))
+            await runs[-1].start()
+        for run in runs:
+            await run.warm_up()
+        # Each phase, round by round; the first target alternates per round (ABBA), so that
+        # a VM whose speed drifts over minutes weighs on both targets alike.
+        for phase in PHASES:
+            for rnd in range(1, settings.rounds + 1):
+                for run in (runs if rnd % 2 else runs[::-1]):
+                    p = await run.run_phase(phase, rnd)
+                    if p is not None:
+                        print_phase(run.target, p)
+    finally:
+        for run in runs:
+            await run.close()
+    results = [run.result for run in runs]
+    for r in results:
         print_target(r)
-        results.append(r)
-    print_table(results, settings)
+    print_table(results, settings, time.monotonic() - t0)
     if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2, default=str))
+        Path(args.json).write_text(json.dumps(
+            [{**asdict(r), "figures": {k: v[0] for k, v in figure_values(r).items()}} for r in results],
+            indent=2, default=str))
     return 1 if any(r.faulty for r in results) else 0
+
+
+def positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m loadtests.relay_bench",
                                      description="Relay benchmark: site -> target -> site.")
     parser.add_argument("--target", choices=["gateway", "minimal", "both"], default="both")
-    parser.add_argument("--duration", type=float, help="seconds of the fixed-rate phase (default 20, quick 3)")
+    parser.add_argument("--rounds", type=positive_int,
+                        help="rounds of every phase on every target, ABBA order (default 2, quick 1)")
+    parser.add_argument("--duration", type=float,
+                        help="seconds of one round of the fixed-rate phase (default 10, quick 3)")
     parser.add_argument("--concurrency", type=int, help="requests in flight (default 64)")
-    parser.add_argument("--quick", action="store_true", help="small counts, under 30 s per target")
+    parser.add_argument("--quick", action="store_true", help="small counts, one round, under a minute")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
     try:
@@ -580,7 +714,7 @@ def main() -> None:
     try:
         sys.exit(run(main_async(args)))
     except asyncio.CancelledError:
-        print("interrupted; the target was stopped", file=sys.stderr)
+        print("interrupted; the targets were stopped", file=sys.stderr)
         sys.exit(130)
 
 
