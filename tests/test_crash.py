@@ -66,7 +66,7 @@ class GatewayProcess:
                 self.proc.wait()
 
 
-async def test_sigkill_during_load_loses_nothing_and_keeps_order(tmp_path: Path) -> None:
+async def test_sigkill_during_load_loses_nothing_and_keeps_order(tmp_path: Path, capsys) -> None:
     a = Site("a", new_secret(), "a-")
     b = Site("b", new_secret(), "b-")
     c = Site("c", new_secret(), "c-")
@@ -125,6 +125,7 @@ async def test_sigkill_during_load_loses_nothing_and_keeps_order(tmp_path: Path)
             await s.stop()
 
     assert gw.starts == KILLS + 1
+    assert refused > 0, "the load ended before the kills: the test did not kill the gateway mid-load"
     redeliveries = {}
     for site in (b, c):
         by_group: dict[str, list[str]] = {}
@@ -144,6 +145,7 @@ async def test_sigkill_during_load_loses_nothing_and_keeps_order(tmp_path: Path)
             expected = [f"message {eid.split('-')[1]}" for eid in accepted[g]]
             assert by_group[f"g{g}"] == expected, f"order broken at {site.name}/g{g}"
         redeliveries[site.name] = dupes
-    print(f"\ncrash test: {MESSAGES} messages, {KILLS} SIGKILLs, {refused} sends refused while down; "
-          f"redeliveries caused by the crashes: b={redeliveries['b']}, c={redeliveries['c']} "
-          f"(of {2 * MESSAGES} deliveries)")
+    with capsys.disabled():  # shown in every run, not only when the test fails
+        print(f"\ncrash test: {MESSAGES} messages, {KILLS} SIGKILLs, {refused} sends refused while down; "
+              f"redeliveries caused by the crashes: b={redeliveries['b']}, c={redeliveries['c']} "
+              f"(of {2 * MESSAGES} deliveries)")
