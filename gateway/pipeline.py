@@ -43,6 +43,10 @@ from schemas.v1 import (
 _encode = msgspec.msgpack.Encoder().encode
 ECHO_WINDOW = 600.0
 """Seconds during which an event sent to a group is recognised if it comes back."""
+FINGERPRINTED = frozenset({"civic.message.deleted", "civic.membership.changed", "civic.moderation.action",
+                           "civic.report.filed"})
+"""Event types whose echo may carry no stand-in author (the others are caught by
+their author, who is a gateway stand-in on the site that echoes them)."""
 ECHO_MEMORY = 50_000
 """Most fingerprints of sent events kept (about 3 MB). Sites send echoes within
 moments; at 10,000 events a second this still covers two and a half seconds."""
@@ -116,7 +120,7 @@ class Pipeline:
         if not routes:
             return Outcome("dropped", "unlinked")
         p = ev.payload
-        if (self._sent_now or self._sent_before) and self._is_echo(ev):
+        if ev.type in FINGERPRINTED and (self._sent_now or self._sent_before) and self._is_echo(ev):
             return Outcome("dropped", "echo")
         acting = _acting_actor(p)
         acting_c: CanonicalId | None = None
@@ -345,7 +349,8 @@ class Pipeline:
             etype = ev.type if not isinstance(payload, Report) or ev.type == "civic.report.filed" else "civic.report.filed"
             event_id = EventId(ids.new_id("cge_"))
             body = _encode(payload)
-            self._remember_sent(hash((route.target.platform, route.target.group, etype, body)), now)
+            if etype in FINGERPRINTED:
+                self._remember_sent(hash((route.target.platform, route.target.group, etype, body)), now)
             pend = " ".join(pending) or None
             seq = tx.enqueue(route.target, event_id, etype, ev.platform, now, pend, body, ev.time)
             out.items.append(OutboxItem(seq, route.target, event_id, etype, ev.platform, now, pend, body, ev.time))
