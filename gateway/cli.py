@@ -3,6 +3,7 @@
   civic-gateway run --config FILE        run the gateway
   civic-gateway check-config FILE        validate a config file and exit
   civic-gateway schema export DIR        write the JSON Schema of every type
+  civic-gateway backup --config FILE DEST   copy the state to DEST while it runs
   civic-gateway demo [--port N]          the gateway plus two linked demo sites
 """
 
@@ -91,6 +92,26 @@ def cmd_schema_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from gateway.config import load
+    from gateway.store.sqlite import backup
+
+    config = load(args.config)
+    database = config.gateway.database
+    path = database[len("sqlite:///"):] if database.startswith("sqlite:///") else database
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rcopied {done} of {total} pages", end="", file=sys.stderr, flush=True)
+
+    try:
+        backup(path, args.dest, progress)
+    except (OSError, sqlite3.Error) as exc:
+        print(f"civic-gateway: backup failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"\n{path} -> {args.dest}", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo.run import run_demo
 
@@ -114,6 +135,10 @@ def parser() -> argparse.ArgumentParser:
     export = schema_sub.add_parser("export", help="write the JSON Schema of every type into DIR")
     export.add_argument("dir")
     export.set_defaults(func=cmd_schema_export)
+    bk = sub.add_parser("backup", help="copy the gateway's state to a new file while it runs")
+    bk.add_argument("--config", required=True, help="the TOML config file (its [gateway] database is copied)")
+    bk.add_argument("dest", help="the new file to write")
+    bk.set_defaults(func=cmd_backup)
     demo = sub.add_parser("demo", help="start the gateway with two linked demo community sites")
     demo.add_argument("--port", type=int, default=8080, help="gateway port; the sites use the next two")
     demo.add_argument("--data-dir", default=None, help="where the demo keeps its SQLite file (default: a temp dir)")

@@ -215,3 +215,32 @@ def test_run_names_the_database_it_cannot_open(tmp_path, capsys) -> None:
         asyncio.set_event_loop_policy(None)  # `run` installs uvloop's policy for the process
     err = capsys.readouterr().err
     assert "gateway.database: cannot open" in err and "no/such/dir/state.db" in err
+
+
+async def test_backup_copies_a_running_gateways_state(tmp_path, capsys) -> None:
+    """civic-gateway backup while the gateway runs: the copy opens as a store and holds what was stored."""
+    from gateway.cli import main
+    from gateway.store.sqlite import SqliteStore
+    from tests.conftest import start_net, stop_net
+
+    net = await start_net(tmp_path, ["a", "b"])
+    try:
+        sa = net.senders["a"]
+        ev = sa.event("civic.message.created", "g-a", {"id": "m1", "author": {"id": "u"}, "text": "keep me"},
+                      event_id="backed-up")
+        assert (await sa.send([ev]))[0] == 202
+        cfg = tmp_path / "gw.toml"
+        cfg.write_text(net.gw.config.text)
+        dest = tmp_path / "copy.db"
+        assert main(["backup", "--config", str(cfg), str(dest)]) == 0
+        assert main(["backup", "--config", str(cfg), str(dest)]) == 1  # never overwrites
+        assert "exists" in capsys.readouterr().err
+    finally:
+        await stop_net(net)
+    copy = SqliteStore(str(dest))
+    await copy.open()
+    try:
+        from gateway.ids import EventId, PlatformName
+        assert await copy.transact(lambda tx: tx.first_seen(PlatformName("a"), EventId("backed-up"), 0.0)) is False
+    finally:
+        await copy.close()

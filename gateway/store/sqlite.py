@@ -492,3 +492,22 @@ class SqliteStore(Store):
             total += n
             if n < 2000:
                 return total
+
+
+def backup(path: str, dest: str, progress: Callable[[int, int], None] | None = None) -> None:
+    """Copy the database at ``path`` to ``dest`` consistently while the gateway
+    runs (SQLite's online backup: the copy is one committed state, WAL included)."""
+    if os.path.exists(dest):
+        raise FileExistsError(f"{dest} exists; choose a new file name")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no database at {path}")
+    src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    out = sqlite3.connect(dest)
+    try:
+        src.execute("PRAGMA busy_timeout = 5000")
+        src.backup(out, pages=1024, progress=(lambda _status, remaining, total: progress(total - remaining, total))
+                   if progress else None)
+    finally:
+        out.close()
+        src.close()
+
