@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 
-from gateway.delivery import _decoders
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -61,7 +60,7 @@ def add_routes(app: web.Application, gw: "Gateway") -> None:
             "seq": d.item.seq, "platform": d.item.target.platform, "group": d.item.target.group,
             "event_id": d.item.event_id, "type": d.item.type, "origin": d.item.origin,
             "created": d.item.created, "error": d.error, "attempts": d.attempts, "failed_at": d.failed_at,
-            "data": to_builtins(_decoders[d.item.type].decode(d.item.body)),
+            "data": to_builtins(d.item.payload()),
         } for d in rows]})
 
     async def replay(request: web.Request) -> web.Response:

@@ -94,11 +94,10 @@ def cmd_schema_export(args: argparse.Namespace) -> int:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     from gateway.config import load
+    from gateway.store import sqlite_path
     from gateway.store.sqlite import backup
 
-    config = load(args.config)
-    database = config.gateway.database
-    path = database[len("sqlite:///"):] if database.startswith("sqlite:///") else database
+    path = sqlite_path(load(args.config).gateway.database)
 
     def progress(done: int, total: int) -> None:
         print(f"\rcopied {done} of {total} pages", end="", file=sys.stderr, flush=True)

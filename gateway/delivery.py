@@ -21,7 +21,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import msgspec
 from msgspec.structs import replace
 
 from gateway.adapter import Adapter, Delivery
@@ -30,14 +29,12 @@ from gateway.ids import MESSAGE, GroupRef, NativeId, PlatformName
 from gateway.metrics import Metrics
 from gateway.store.base import Mapping, OutboxItem, Store
 from gateway.tasks import TaskGroup
-from schemas.v1 import EVENT_TYPES
 
 log = logging.getLogger("civic.delivery")
 
 MAX_IN_MEMORY = 2000
 BASE_DELAY = 0.5
 COPY_CACHE_MAX = 200_000
-_decoders = {t: msgspec.msgpack.Decoder(cls) for t, cls in EVENT_TYPES.items()}
 _REF_FIELDS = ("id", "reply_to", "thread", "message")
 
 
@@ -292,7 +289,7 @@ class DeliveryEngine:
                     found[c] = native
         out = []
         for item in batch:
-            payload: Any = _decoders[item.type].decode(item.body)
+            payload: Any = item.payload()
             if item.pending and found:
                 changes = {f: found[v] for f in _REF_FIELDS
                            if isinstance(v := getattr(payload, f, None), str) and v in found}

@@ -21,12 +21,11 @@ from msgspec.structs import replace
 
 from gateway import ids
 from gateway.adapter import Capabilities, Inbound
-from gateway.config import LinkConfig
 from gateway.ids import ACTOR, MESSAGE, CanonicalId, EventId, GroupRef, LinkName, PlatformName
 from gateway.people import People
 from gateway.router import Route, Router
 from gateway.sanitize import clean_html, clean_text
-from gateway.store.base import ModerationEntry, OutboxItem, Tx
+from gateway.store.base import ModerationEntry, OutboxItem, Tx, encode_payload
 from schemas.v1 import (
     EVENT_TYPES,
     AccountMove,
@@ -40,7 +39,6 @@ from schemas.v1 import (
     Report,
 )
 
-_encode = msgspec.msgpack.Encoder().encode
 ECHO_WINDOW = 600.0
 """Seconds during which an event sent to a group is recognised if it comes back."""
 FINGERPRINTED = frozenset({"civic.message.deleted", "civic.membership.changed", "civic.moderation.action",
@@ -323,7 +321,7 @@ class Pipeline:
                     continue
                 done.add((platform, grp))
                 pend = message if how == ids.SENT else None  # the site may name its own id first
-                body = _encode(replace(deletion, id=native))
+                body = encode_payload(replace(deletion, id=native))
                 event_id = EventId(ids.new_id("cge_"))
                 target = GroupRef(platform, grp)  # type: ignore[arg-type]
                 seq = tx.enqueue(target, event_id, "civic.message.deleted", ev.platform, now, pend, body)
@@ -348,7 +346,7 @@ class Pipeline:
                 continue
             etype = ev.type if not isinstance(payload, Report) or ev.type == "civic.report.filed" else "civic.report.filed"
             event_id = EventId(ids.new_id("cge_"))
-            body = _encode(payload)
+            body = encode_payload(payload)
             if etype in FINGERPRINTED:
                 self._remember_sent(hash((route.target.platform, route.target.group, etype, body)), now)
             pend = " ".join(pending) or None
@@ -366,7 +364,7 @@ class Pipeline:
         self._sent_now.add(key)
 
     def _is_echo(self, ev: Inbound) -> bool:
-        key = hash((ev.platform, ev.group, ev.type, _encode(ev.payload)))
+        key = hash((ev.platform, ev.group, ev.type, encode_payload(ev.payload)))
         return key in self._sent_now or key in self._sent_before
 
     def _moderate(self, tx: Tx, ev: Inbound, source: GroupRef, action: str, subject: str,
@@ -457,4 +455,4 @@ def _escape(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-__all__ = ["Pipeline", "Outcome", "LinkConfig"]
+__all__ = ["Pipeline", "Outcome"]

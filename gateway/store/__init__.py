@@ -14,5 +14,9 @@ def open_store(database: str, *, synchronous: str = "normal") -> Store:
         raise ConfigError("gateway.database: PostgreSQL is not supported yet in this version; use a SQLite file path")
     from gateway.store.sqlite import SqliteStore
 
-    path = database[len("sqlite:///"):] if database.startswith("sqlite:///") else database
-    return SqliteStore(path, synchronous=synchronous)
+    return SqliteStore(sqlite_path(database), synchronous=synchronous)
+
+
+def sqlite_path(database: str) -> str:
+    """The file of a SQLite ``[gateway] database`` setting (a path or ``sqlite:///path``)."""
+    return database[len("sqlite:///"):] if database.startswith("sqlite:///") else database

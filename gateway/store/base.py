@@ -11,13 +11,23 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
+import msgspec
 from msgspec import Struct
 
 from gateway.ids import CanonicalId, EventId, GroupId, GroupRef, LinkName, NativeId, PlatformName
+from schemas.v1 import EVENT_TYPES
 
 T = TypeVar("T")
+
+
+_encode_body = msgspec.msgpack.Encoder().encode
+
+
+def encode_payload(payload: object) -> bytes:
+    """The outbox body of a schema payload (msgpack); ``OutboxItem.payload`` reads it back."""
+    return _encode_body(payload)
 
 
 class OutboxItem(Struct, frozen=True, gc=False):
@@ -36,6 +46,13 @@ class OutboxItem(Struct, frozen=True, gc=False):
     """The payload, msgpack, ids already in the target's terms where known."""
     occurred: float | None = None
     """When the event happened at its origin (None: as ``created``)."""
+
+    def payload(self) -> Any:
+        """The body decoded into its schema type (``schemas.v1.EVENT_TYPES[type]``)."""
+        return _body_decoders[self.type].decode(self.body)
+
+
+_body_decoders = {t: msgspec.msgpack.Decoder(cls) for t, cls in EVENT_TYPES.items()}
 
 
 class DeadLetter(Struct, frozen=True):
