@@ -109,6 +109,8 @@ class AdapterContext(Struct, kw_only=True):
     ingest: Ingest
     metrics: "Metrics"
     gateway_source: str
+    node: str = "local"
+    """This gateway node's name (unique in a cluster): for client ids and the like."""
 
 
 class Adapter(abc.ABC):

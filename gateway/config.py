@@ -27,7 +27,21 @@ class GatewaySettings(Struct, forbid_unknown_fields=True, kw_only=True):
     listen: str = "127.0.0.1:8080"
     """host:port of the HTTP server (site ingress, metrics, admin API)."""
     database: str = "civic-gateway.db"
-    """A SQLite file path (the embedded default), or later a postgresql:// URL."""
+    """A SQLite file path (the embedded default), or a ``postgresql://`` URL
+    (shared by the nodes of a cluster)."""
+    bus: str = "local"
+    """``local``: the in-process bus of one process (the embedded default);
+    ``mqtt://[user:password@]host:port`` (or ``mqtts://``): an MQTT 5 broker
+    that the nodes of a cluster share. A cluster needs a PostgreSQL database."""
+    node: str | None = None
+    """This node's name in a cluster (unique per node, stable across restarts);
+    default: the host name and the listen port."""
+    partitions: Annotated[int, Meta(ge=1, le=4096)] = 64
+    """Target groups are spread over this many partitions, each owned by one
+    node at a time (the same on every node of a cluster)."""
+    lease_ttl: Annotated[float, Meta(ge=1, le=120)] = 5.0
+    """Seconds a node's ownership of its partitions lasts without renewal: a
+    dead node's groups move to the others within about this time plus a tick."""
     admin_token: str | None = None
     """Bearer token for /admin/v1; the admin API is off when unset."""
     log_format: Literal["json", "text"] = "json"
@@ -46,6 +60,12 @@ class GatewaySettings(Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         if not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]*):[0-9]{1,5}$", self.listen):
             raise ValueError(f"`listen`: expected host:port, e.g. \"127.0.0.1:8080\", not {self.listen!r}")
+        if self.bus != "local" and not self.bus.startswith(("mqtt://", "mqtts://")):
+            raise ValueError(f"`bus`: expected \"local\" or an mqtt:// URL, not {self.bus!r}")
+        if self.bus != "local" and not self.database.startswith(("postgresql://", "postgres://")):
+            raise ValueError("`bus`: a cluster bus needs a shared store: set `database` to a postgresql:// URL")
+        if self.node is not None and not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.node):
+            raise ValueError(f"`node`: letters, digits, '.', '_' and '-' only (at most 64), not {self.node!r}")
 
 
 class GroupConfig(Struct, forbid_unknown_fields=True):
