@@ -70,7 +70,7 @@ def add_routes(app: web.Application, gw: "Gateway") -> None:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return web.json_response({"error": f"bad request body: {exc}"}, status=400)
         items = await gw.store.replay(req.seqs)
-        gw.delivery.submit(items)
+        gw.hand_over(items)
         gw.metrics.dead_letters.set(await gw.store.dead_letter_count())
         return web.json_response({"replayed": len(items)})
 

@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import logging
 import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -20,6 +21,8 @@ from aiohttp import web
 
 from gateway import admin, registry
 from gateway.adapter import Adapter, AdapterContext, Inbound, IngestResult, Overloaded
+from gateway.bus import Bus, LocalBus
+from gateway.cluster import Cluster
 from gateway.config import Config, validate_adapters
 from gateway.delivery import DeliveryEngine
 from gateway.ids import PlatformName
@@ -27,6 +30,7 @@ from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.router import Router
 from gateway.store import Store, open_store
+from gateway.store.base import OutboxItem
 from gateway.tasks import TaskGroup
 
 log = logging.getLogger("civic.gateway")
@@ -35,6 +39,11 @@ STORE_BACKLOG_LIMIT = 5000
 """Transactions waiting for the store above which ingress answers 503."""
 PROCESSED_RETENTION = 14 * 86400.0
 """How long inbound event ids are remembered (longer than any sender retries)."""
+STATE_TYPES = frozenset({"civic.moderation.action", "civic.membership.changed", "civic.profile.updated",
+                         "civic.account.moved"})
+"""Event types that can change bans, consent or account mappings (other nodes reload theirs)."""
+STATE_RELOAD_INTERVAL = 30.0
+"""Seconds between reloads of bans and consent in a cluster, whatever the bus said."""
 
 
 class Gateway:
@@ -46,15 +55,31 @@ class Gateway:
         self.tasks = TaskGroup()
         self.router = Router(config.links)
         self.store: Store = open_store(self.settings.database, synchronous=self.settings.synchronous)
+        self.node = self.settings.node or f"{socket.gethostname()}-{split_listen(self.settings.listen)[1]}"
         self.adapters: dict[PlatformName, Adapter] = {}
         for name, pc in config.platforms.items():
             cls = find_adapter(pc.kind)
             self.adapters[name] = cls(AdapterContext(name=name, config=pc.adapter_config, ingest=self.ingest,
-                                                     metrics=self.metrics, gateway_source=self.settings.source))
+                                                     metrics=self.metrics, gateway_source=self.settings.source,
+                                                     node=self.node))
         self.pipeline: Pipeline | None = None
         self.delivery = DeliveryEngine(self.store, self.adapters, self.metrics, self.tasks,
                                        retry_max_delay=self.settings.retry_max_delay,
                                        retry_max_age=self.settings.retry_max_age)
+        # A shared (PostgreSQL) store means ownership by lease and wake-ups by
+        # bus, even for one node: rows are delivered in the store's commit order.
+        self.cluster: Cluster | None = None
+        if self.settings.database.startswith(("postgresql://", "postgres://")):
+            bus: Bus
+            if self.settings.bus == "local":
+                bus = LocalBus()
+            else:
+                from gateway.bus_mqtt import MqttBus
+
+                bus = MqttBus(self.settings.bus, self.node)
+            self.cluster = Cluster(self.node, self.store, bus, self.delivery, self.metrics, self.tasks,
+                                   partitions=self.settings.partitions, lease_ttl=self.settings.lease_ttl,
+                                   on_state=self._state_changed_elsewhere)
         self.ready = False
         self._outbox_depth = 0
         self._runner: web.AppRunner | None = None
@@ -96,7 +121,9 @@ class Gateway:
             items.extend(out.items)
         if items:
             self._outbox_depth += len(items)
-            self.delivery.submit(items)
+            self.hand_over(items)
+        if self.cluster is not None and any(ev.type in STATE_TYPES for ev in prepared):
+            self.cluster.state_changed()
         m = self.metrics
         for (kind, a, b), n in counts.items():
             if kind == "in":
@@ -118,7 +145,11 @@ class Gateway:
         await self._refresh_depth()
         for adapter in self.adapters.values():
             await adapter.start()
-        await self.delivery.start()
+        if self.cluster is None:
+            await self.delivery.start()
+        else:
+            await self.cluster.start()
+            self.tasks.spawn(self._reload_state_now_and_then(), "cluster-state")
         self.tasks.spawn(self._housekeeping(), "housekeeping")
         self.ready = True
         log.info("gateway started", extra={"platforms": sorted(self.adapters), "links": len(self.router.links)})
@@ -126,6 +157,8 @@ class Gateway:
     async def stop(self) -> None:
         self.ready = False
         await self.delivery.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.tasks.close()
         for adapter in self.adapters.values():
             await adapter.stop()
@@ -137,12 +170,42 @@ class Gateway:
         for name in self.adapters:
             self.metrics.queue_depth.labels(name).set(counts.get(name, 0))
 
+    def hand_over(self, items: Sequence[OutboxItem]) -> None:
+        """Committed outbox rows go to delivery: straight into the queues of one
+        process, or as a wake-up to each group's owner in a cluster."""
+        if self.cluster is None:
+            self.delivery.submit(items)
+        else:
+            self.cluster.announce({item.target for item in items})
+
+    def _state_changed_elsewhere(self) -> None:
+        self.tasks.spawn(self._reload_state(), "reload-state")
+
+    async def _reload_state(self) -> None:
+        """Another node changed bans, consent or account mappings: take the store's."""
+        if self.pipeline is None:
+            return
+        bans, withdrawn = await self.store.bans(), await self.store.withdrawn()
+        self.pipeline.bans = bans
+        self.pipeline.withdrawn = withdrawn
+        self.pipeline.invalidate()
+
+    async def _reload_state_now_and_then(self) -> None:
+        while True:
+            await asyncio.sleep(STATE_RELOAD_INTERVAL)
+            try:
+                await self._reload_state()
+            except Exception as exc:
+                log.warning("reloading bans and consent failed: %s", exc)
+
     async def _housekeeping(self) -> None:
         last_prune = 0.0
         while True:
             await asyncio.sleep(2.0)
             try:
                 await self._refresh_depth()
+                if self.cluster is not None:
+                    self.metrics.bus_connected.set(1 if self.cluster.bus.connected else 0)
                 if time.time() - last_prune > 3600:
                     last_prune = time.time()
                     pruned = await self.store.prune_processed(time.time() - PROCESSED_RETENTION)
@@ -179,9 +242,12 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        body = {"ready": self.ready, "node": "embedded", "queues": self.delivery.owners(),
-                "undelivered": self._outbox_depth}
-        return web.json_response(body, status=200 if self.ready else 503)
+        ready = self.ready and (self.cluster is None or self.cluster.healthy)
+        body: dict[str, object] = {"ready": ready, "node": self.node if self.cluster else "embedded",
+                                   "queues": self.delivery.owners(), "undelivered": self._outbox_depth}
+        if self.cluster is not None:
+            body["cluster"] = self.cluster.status()
+        return web.json_response(body, status=200 if ready else 503)
 
     async def _moderation_log(self, request: web.Request) -> web.Response:
         """The public transparency log: every moderation action the gateway carried."""

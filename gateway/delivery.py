@@ -39,7 +39,7 @@ _REF_FIELDS = ("id", "reply_to", "thread", "message")
 
 
 class _Queue:
-    __slots__ = ("target", "items", "overflow", "reloading", "side", "done_seq", "running")
+    __slots__ = ("target", "items", "overflow", "reloading", "side", "done_seq", "running", "rewake", "released")
 
     def __init__(self, target: GroupRef) -> None:
         self.target = target
@@ -49,6 +49,8 @@ class _Queue:
         self.side: list[OutboxItem] = []
         self.done_seq = 0  # highest seq taken off this queue
         self.running = False
+        self.rewake = False  # woken while a page was being read: read again
+        self.released = False  # this node no longer owns the group (cluster)
 
 
 class _Completions:
@@ -104,6 +106,8 @@ class DeliveryEngine:
         self._copies: dict[tuple[str, str, str], NativeId] = {}
         self._stopping = False
         self._wake = asyncio.Event()
+        self.owns: Callable[[GroupRef], bool] | None = None
+        """In a cluster: whether this node delivers a group now (None: every group)."""
 
     # -- feeding the queues -------------------------------------------------------------
     async def start(self) -> None:
@@ -128,6 +132,23 @@ class DeliveryEngine:
                 else:
                     q.items.append(item)
             self._kick(q)
+
+    def wake(self, target: GroupRef) -> None:
+        """New rows for ``target`` are committed (in a cluster, maybe by another
+        node): page them in from the store, in the store's order."""
+        q = self._queue(target)
+        if q.reloading:
+            q.rewake = True
+        else:
+            q.overflow = True
+        self._kick(q)
+
+    def release(self, which: Callable[[GroupRef], bool]) -> None:
+        """Stop delivering these groups (another node owns them now). A batch
+        in flight finishes; nothing more is sent from their queues."""
+        for target in [t for t in self._queues if which(t)]:
+            q = self._queues.pop(target)
+            q.released = True  # its worker records the batch in flight, then stops
 
     def _queue(self, target: GroupRef) -> _Queue:
         q = self._queues.get(target)
@@ -160,7 +181,8 @@ class DeliveryEngine:
         finally:
             q.reloading = False
         side, q.side = q.side, []
-        q.overflow = len(page) >= MAX_IN_MEMORY
+        q.overflow = len(page) >= MAX_IN_MEMORY or q.rewake
+        q.rewake = False
         last = page[-1].seq if page else q.done_seq
         q.items = deque(page)
         if not q.overflow:
@@ -176,7 +198,7 @@ class DeliveryEngine:
             isolate = 0  # after a permanent failure of a batch: send one by one
             attempts = 0
             retry_n = 0  # a retry sends exactly the batch that failed (same webhook-id)
-            while not self._stopping:
+            while not self._stopping and not q.released:
                 if not q.items:
                     if not q.overflow:
                         break
@@ -220,7 +242,7 @@ class DeliveryEngine:
                 self._delivered(q, batch, result.ids)
         finally:
             q.running = False
-            if (q.items or q.overflow) and not self._stopping and adapter is not None:
+            if (q.items or q.overflow) and not self._stopping and not q.released and adapter is not None:
                 self._kick(q)  # work arrived while the worker was finishing
 
     def _backoff(self, attempts: int, retry_after: float | None) -> float:

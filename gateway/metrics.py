@@ -35,6 +35,10 @@ class Metrics:
         self.dead_letters = Gauge("civic_dead_letters", "Events in the dead-letter list now.", registry=r)
         self.queue_depth = Gauge("civic_queue_depth", "Undelivered events per target platform.",
                                  ["platform"], registry=r)
+        self.partitions_owned = Gauge("civic_cluster_partitions_owned",
+                                      "Partitions of target groups this node delivers now (cluster).", registry=r)
+        self.cluster_nodes = Gauge("civic_cluster_nodes", "Live nodes this node sees in the cluster.", registry=r)
+        self.bus_connected = Gauge("civic_bus_connected", "1 while the cluster bus is connected.", registry=r)
         self.overloaded = Counter("civic_overload_refusals", "Inbound requests refused with 429/503.",
                                   ["platform", "status"], registry=r)
 
