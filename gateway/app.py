@@ -143,6 +143,9 @@ class Gateway:
                                  bytes.fromhex(key), bans, await self.store.withdrawn())
         self.metrics.dead_letters.set(await self.store.dead_letter_count())
         await self._refresh_depth()
+        # Take events from here on: an adapter that starts may be handed a
+        # backlog at once (an MQTT broker resends what was not acknowledged).
+        self.ready = True
         for adapter in self.adapters.values():
             await adapter.start()
         if self.cluster is None:
@@ -151,7 +154,6 @@ class Gateway:
             await self.cluster.start()
             self.tasks.spawn(self._reload_state_now_and_then(), "cluster-state")
         self.tasks.spawn(self._housekeeping(), "housekeeping")
-        self.ready = True
         log.info("gateway started", extra={"platforms": sorted(self.adapters), "links": len(self.router.links)})
 
     async def stop(self) -> None:

@@ -8,6 +8,8 @@ Extension attributes a site adds are ignored, never refused.
 
 from __future__ import annotations
 
+import re
+from datetime import datetime, timezone
 from typing import Annotated, Literal, Union
 
 import msgspec
@@ -114,3 +116,58 @@ _TYPE_OF: dict[type, str] = {cls: name for name, cls in BY_TYPE.items()}
 def event_type(event: CloudEventBase) -> str:
     """The ``type`` attribute of an event object."""
     return _TYPE_OF[type(event)]
+
+
+# -- Shared helpers for every binding (HTTP, MQTT): pure, no I/O ----------------------------
+
+CONTEXT_ATTRIBUTES = ("specversion", "id", "source", "type", "subject", "time", "datacontenttype", "civicorigin")
+"""The context attributes this schema knows, in the order a binary-mode binding writes them."""
+
+_AT = re.compile(r"^(.*) - at `\$(\[(\d+)\])?(.*)`$")
+_MISSING = re.compile(r"^Object missing required field `([^`]+)`$")
+
+
+def media_type(content_type: str | None) -> str:
+    """``"Application/CloudEvents+JSON; charset=utf-8"`` -> ``"application/cloudevents+json"``."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def problem_location(exc: msgspec.ValidationError, *, batch: bool) -> tuple[str, int | None, str | None]:
+    """What a decoding error says, split into (message, index in a batch, field path).
+
+    The path is JSONPath-like and relative to the event (``$.data.text``); the
+    index is set for a batch only. ``(str(exc), None, None)`` when msgspec gave
+    no location."""
+    text = str(exc)
+    m = _AT.match(text)
+    message, head, index, rest = (m.group(1), m.group(2) or "", m.group(3), m.group(4)) if m else (text, "", None, "")
+    missing = _MISSING.match(message)
+    if missing:  # point at the missing field itself
+        rest += "." + missing.group(1)
+    if not m and not missing:
+        return message, None, None
+    if batch and index is not None:
+        return message, int(index), "$" + rest
+    return message, None, "$" + head + rest
+
+
+def parse_time(value: str | None, default: float) -> float:
+    """Unix seconds of an RFC 3339 ``time`` attribute; ``default`` when absent or unreadable."""
+    if not value:
+        return default
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return default
+
+
+def format_time(seconds: float) -> str:
+    """The ``time`` attribute for Unix seconds: RFC 3339 in UTC, milliseconds."""
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def make_event(type_: str, *, id: str, source: str, subject: str, time: float, data: object,
+               origin: str | None = None) -> CloudEventBase:
+    """A CloudEvent of ``type_`` (a key of ``BY_TYPE``) as the gateway sends it."""
+    return BY_TYPE[type_](specversion="1.0", id=id, source=source, subject=subject,  # type: ignore[call-arg]
+                          time=format_time(time), civicorigin=origin, data=data)

@@ -111,6 +111,10 @@ class Mosquitto:
         lines = [f"listener {self.port} 127.0.0.1", f"persistence {'true' if persistence else 'false'}",
                  f"persistence_location {self.dir}/", "log_dest stderr", "log_type error", "log_type warning",
                  "max_queued_messages 100000", "max_inflight_messages 0", "autosave_interval 1"]
+        if os.geteuid() == 0:
+            # As root, mosquitto drops to the `mosquitto` user, which cannot write the
+            # test's private directory: it would keep nothing across a restart.
+            lines.append("user root")
         if passwords:
             pw = self.dir / "passwords"
             pw.write_text("".join(f"{u}:{p}\n" for u, p in passwords.items()))
