@@ -111,6 +111,12 @@ class AdapterContext(Struct, kw_only=True):
     gateway_source: str
     node: str = "local"
     """This gateway node's name (unique in a cluster): for client ids and the like."""
+    leads: Callable[[str], bool] = lambda key: True
+    """Whether this node should do the one-at-a-time work named ``key`` now (in
+    a cluster one node at a time holds each key, by the same leases that share
+    out the target groups; alone, always True). For example one consumer of a
+    feed whose order matters. Ask again now and then: it changes when nodes
+    come and go."""
 
 
 class Adapter(abc.ABC):

@@ -56,19 +56,19 @@ class Gateway:
         self.router = Router(config.links)
         self.store: Store = open_store(self.settings.database, synchronous=self.settings.synchronous)
         self.node = self.settings.node or f"{socket.gethostname()}-{split_listen(self.settings.listen)[1]}"
+        self.cluster: Cluster | None = None  # set below when the store is shared
         self.adapters: dict[PlatformName, Adapter] = {}
         for name, pc in config.platforms.items():
             cls = find_adapter(pc.kind)
             self.adapters[name] = cls(AdapterContext(name=name, config=pc.adapter_config, ingest=self.ingest,
                                                      metrics=self.metrics, gateway_source=self.settings.source,
-                                                     node=self.node))
+                                                     node=self.node, leads=self._leads))
         self.pipeline: Pipeline | None = None
         self.delivery = DeliveryEngine(self.store, self.adapters, self.metrics, self.tasks,
                                        retry_max_delay=self.settings.retry_max_delay,
                                        retry_max_age=self.settings.retry_max_age)
         # A shared (PostgreSQL) store means ownership by lease and wake-ups by
         # bus, even for one node: rows are delivered in the store's commit order.
-        self.cluster: Cluster | None = None
         if self.settings.database.startswith(("postgresql://", "postgres://")):
             bus: Bus
             if self.settings.bus == "local":
@@ -141,6 +141,7 @@ class Gateway:
         bans = await self.store.bans()
         self.pipeline = Pipeline(self.router, {n: a.capabilities for n, a in self.adapters.items()},
                                  bytes.fromhex(key), bans, await self.store.withdrawn())
+        self.store.on_retry = self.pipeline.invalidate
         self.metrics.dead_letters.set(await self.store.dead_letter_count())
         await self._refresh_depth()
         # Take events from here on: an adapter that starts may be handed a
@@ -171,6 +172,9 @@ class Gateway:
         self._outbox_depth = sum(counts.values())
         for name in self.adapters:
             self.metrics.queue_depth.labels(name).set(counts.get(name, 0))
+
+    def _leads(self, key: str) -> bool:
+        return self.cluster is None or self.cluster.leads(key)
 
     def hand_over(self, items: Sequence[OutboxItem]) -> None:
         """Committed outbox rows go to delivery: straight into the queues of one

@@ -98,6 +98,11 @@ class Cluster:
     def healthy(self) -> bool:
         return time.monotonic() < self._valid_until
 
+    def leads(self, key: str) -> bool:
+        """Whether this node holds the one-at-a-time work named ``key`` (same leases as the groups)."""
+        return (zlib.crc32(f"lead\x00{key}".encode()) % self.partitions in self.owned
+                and time.monotonic() < self._valid_until)
+
     def owns(self, target: GroupRef) -> bool:
         return partition_of(target, self.partitions) in self.owned and time.monotonic() < self._valid_until
 

@@ -1,16 +1,23 @@
 """The store contract (STYLE.md point 9): one suite, run over every backend.
 
 Every test talks to the public ``Store`` / ``Tx`` interface only. To add a
-backend (PostgreSQL), add an entry to ``BACKENDS``: how to make a store over
-fresh (or the same, for reopening) storage, and how to read a membership row
-(``Store`` has no reader for memberships, so that one probe is per backend).
+backend, add an entry to ``BACKENDS``: the storage of one test (a directory,
+a fresh PostgreSQL database), how to make a store over it (the same storage on
+every call, for reopening), and how to read a membership row (``Store`` has no
+reader for memberships, so that one probe is per backend).
+
+Outbox ``seq`` values are opaque increasing ints: compare them, never compute
+with them. Dead letters are numbered by ``dead_letters()`` (the numbers
+``replay`` takes), which need not be the outbox positions they came from.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +27,9 @@ import pytest
 from gateway import ids
 from gateway.ids import ACTOR, MESSAGE, CanonicalId, EventId, GroupId, GroupRef, LinkName, PlatformName
 from gateway.store.base import Mapping, ModerationEntry, OutboxItem, Store, Tx
+from gateway.store.postgresql import PgTx, PostgresStore
 from gateway.store.sqlite import SqliteStore, migrations
+from tests.services import temp_database
 
 P = PlatformName
 C = CanonicalId
@@ -39,17 +48,31 @@ def _sqlite_membership(tx: Any, platform: str, grp: str, actor: str) -> tuple[st
     return (row[0], row[1]) if row else None
 
 
+def _pg_membership(tx: Any, platform: str, grp: str, actor: str) -> tuple[str, str | None] | None:
+    assert isinstance(tx, PgTx)
+    row = tx.fetchrow("SELECT state, role FROM memberships WHERE platform = $1 AND grp = $2 AND actor = $3",
+                      platform, grp, actor)
+    return (row[0], row[1]) if row else None
+
+
+def _directory(d: Path) -> AbstractContextManager[Any]:
+    return contextlib.nullcontext(d)
+
+
 @dataclass(frozen=True)
 class Backend:
-    make: Callable[[Path], Store]
+    make: Callable[[Any], Store]
     """A new, unopened store over the storage belonging to one test (same storage on every call)."""
     membership: Callable[[Any, str, str, str], tuple[str, str | None] | None]
     """Read (state, role) of a membership inside a transaction."""
+    storage: Callable[[Path], AbstractContextManager[Any]] = field(default=_directory)
+    """The storage of one test, given its temporary directory (released afterwards)."""
 
 
 BACKENDS: dict[str, Backend] = {
     "sqlite-inline": Backend(lambda d: SqliteStore(str(d / "s.db"), synchronous="normal"), _sqlite_membership),
     "sqlite-thread": Backend(lambda d: SqliteStore(str(d / "s.db"), synchronous="full"), _sqlite_membership),
+    "postgresql": Backend(lambda dsn: PostgresStore(dsn), _pg_membership, lambda _d: temp_database()),
 }
 
 
@@ -59,16 +82,26 @@ def opened() -> list[Store]:
     return []
 
 
+@pytest.fixture
+def storage() -> list[Any]:
+    """The storage the test's store lives in (set by ``store``)."""
+    return []
+
+
 @pytest.fixture(params=list(BACKENDS))
-async def store(request: pytest.FixtureRequest, tmp_path: Path, opened: list[Store]) -> AsyncIterator[Store]:
-    s = BACKENDS[request.param].make(tmp_path)
-    await s.open()
-    opened.append(s)
-    try:
-        yield s
-    finally:
-        while opened:
-            await opened.pop().close()
+async def store(request: pytest.FixtureRequest, tmp_path: Path, opened: list[Store],
+                storage: list[Any]) -> AsyncIterator[Store]:
+    backend = BACKENDS[request.param]
+    with backend.storage(tmp_path) as where:
+        storage.append(where)
+        s = backend.make(where)
+        await s.open()
+        opened.append(s)
+        try:
+            yield s
+        finally:
+            while opened:
+                await opened.pop().close()
 
 
 @pytest.fixture
@@ -82,14 +115,14 @@ def backend(backend_name: str) -> Backend:
 
 
 @pytest.fixture
-def reopen(backend: Backend, tmp_path: Path, opened: list[Store]) -> Callable[[Store | None], Awaitable[Store]]:
+def reopen(backend: Backend, storage: list[Any], opened: list[Store]) -> Callable[[Store | None], Awaitable[Store]]:
     """``await reopen(old)``: close ``old`` (unless None) and open a new store over the same data."""
 
     async def run(old: Store | None) -> Store:
         if old is not None:
             opened.remove(old)
             await old.close()
-        s = backend.make(tmp_path)
+        s = backend.make(storage[0])
         await s.open()
         opened.append(s)
         return s
@@ -292,10 +325,20 @@ async def test_dead_letter_and_listing(store: Store) -> None:
     assert await store.dead_letter_count() == 2
 
     dls = await store.dead_letters()
-    assert [(d.item, d.error, d.attempts, d.failed_at) for d in dls] == [
-        (items[0], "boom", 3, 50.0), (items[2], "bang", 7, 60.0)]
-    assert [d.item.seq for d in await store.dead_letters(after_seq=items[0].seq)] == [items[2].seq]
-    assert [d.item.seq for d in await store.dead_letters(limit=1)] == [items[0].seq]
+    # the outbox item as it was, under a dead-letter number of its own (what ``replay`` takes)
+    assert [(_unnumbered(d.item), d.error, d.attempts, d.failed_at) for d in dls] == [
+        (_unnumbered(items[0]), "boom", 3, 50.0), (_unnumbered(items[2]), "bang", 7, 60.0)]
+    numbers = [d.item.seq for d in dls]
+    assert numbers == sorted(numbers) and len(set(numbers)) == 2 and numbers[0] > 0
+    if isinstance(store, SqliteStore):  # SQLite keeps the outbox seq
+        assert numbers == [items[0].seq, items[2].seq]
+    assert [d.item.seq for d in await store.dead_letters(after_seq=numbers[0])] == [numbers[1]]
+    assert [d.item.seq for d in await store.dead_letters(limit=1)] == [numbers[0]]
+    assert await store.dead_letters(after_seq=numbers[1]) == []
+
+
+def _unnumbered(item: OutboxItem) -> OutboxItem:
+    return msgspec.structs.replace(item, seq=0)
 
 
 async def test_replay_all_moves_back_to_end_of_queue(store: Store) -> None:
@@ -330,14 +373,18 @@ async def test_replay_selected(store: Store) -> None:
     items = await store.outbox_page(g, 0, 10)
     for it in items:
         await store.dead_letter(it, "e", 2, 1.0)
+    dls = await store.dead_letters()
+    assert [d.item.event_id for d in dls] == [i.event_id for i in items]
+    numbers = [d.item.seq for d in dls]
 
-    replayed = await store.replay([items[1].seq])
+    replayed = await store.replay([numbers[1]])
     assert [(i.event_id, i.body, i.target) for i in replayed] == [(items[1].event_id, items[1].body, g)]
     assert replayed[0].seq > items[2].seq
     assert await store.outbox_page(g, 0, 10) == replayed
     assert await store.dead_letter_count() == 2
-    assert [d.item.seq for d in await store.dead_letters()] == [items[0].seq, items[2].seq]
-    assert await store.replay([items[1].seq]) == []  # already replayed
+    assert [(d.item.seq, d.item.event_id) for d in await store.dead_letters()] == [
+        (numbers[0], items[0].event_id), (numbers[2], items[2].event_id)]
+    assert await store.replay([numbers[1]]) == []  # already replayed
     assert await store.replay([]) == []
     assert await store.dead_letter_count() == 2
 

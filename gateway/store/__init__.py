@@ -6,12 +6,14 @@ from gateway.store.base import Store
 
 
 def open_store(database: str, *, synchronous: str = "normal") -> Store:
-    """The store for a ``[gateway] database`` setting: a file path (or
-    ``sqlite:///path``) selects SQLite."""
+    """The store for a ``[gateway] database`` setting: a ``postgresql://`` (or
+    ``postgres://``) URL selects PostgreSQL, which the nodes of a cluster share;
+    a file path (or ``sqlite:///path``) selects SQLite. ``synchronous`` is
+    SQLite's durability setting (PostgreSQL's is the server's own)."""
     if database.startswith(("postgresql://", "postgres://")):
-        from gateway.errors import ConfigError
+        from gateway.store.postgresql import PostgresStore
 
-        raise ConfigError("gateway.database: PostgreSQL is not supported yet in this version; use a SQLite file path")
+        return PostgresStore(database)
     from gateway.store.sqlite import SqliteStore
 
     return SqliteStore(sqlite_path(database), synchronous=synchronous)

@@ -88,6 +88,16 @@ class ModerationEntry(Struct, frozen=True):
     seq: int = 0
 
 
+class ClusterView(Struct, frozen=True):
+    """What one ``Store.cluster_tick`` found: the partitions this node owns now."""
+
+    owned: frozenset[int]
+    nodes: tuple[str, ...]
+    """The live nodes (seen within the lease ttl), sorted."""
+    epoch: float
+    """The database's clock at the tick (seconds since the epoch); leases run from it."""
+
+
 class Tx(Protocol):
     """One open transaction (synchronous; runs on the store's own worker)."""
 
@@ -135,7 +145,12 @@ class Tx(Protocol):
 
 
 class Store(abc.ABC):
-    """Durable state. Implementations: ``gateway.store.sqlite.SqliteStore``."""
+    """Durable state. Implementations: ``gateway.store.sqlite.SqliteStore`` and
+    ``gateway.store.postgresql.PostgresStore``."""
+
+    on_retry: Callable[[], None] | None = None
+    """Called (from the store's worker) before a rolled-back batch runs again,
+    so that callers drop what they cached from the attempt that was undone."""
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -206,3 +221,22 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def prune_processed(self, older_than: float) -> int:
         """Forget inbound event ids seen before ``older_than``; returns how many."""
+
+    # -- a cluster of nodes (PostgreSQL only) ---------------------------------------------------
+    async def cluster_tick(self, node: str, partitions: int, ttl: float) -> ClusterView:
+        """Called by each node of a cluster every tick (``gateway.cluster``): in one
+        transaction, on the database's clock, record that ``node`` is alive, renew
+        its partition leases for ``ttl`` seconds, give back what is above its fair
+        share (``ceil(partitions / live nodes)``) and claim free or expired
+        partitions up to that share. Returns what the node owns now."""
+        raise NotImplementedError("a cluster needs a PostgreSQL store")
+
+    async def cluster_leave(self, node: str) -> None:
+        """Called by a node on a clean shutdown: release its leases at once and
+        forget the node (the others take its partitions on their next tick)."""
+        raise NotImplementedError("a cluster needs a PostgreSQL store")
+
+    async def cluster_owners(self) -> dict[int, str]:
+        """The current owner of each partition with an unexpired lease (for health
+        and status pages)."""
+        raise NotImplementedError("a cluster needs a PostgreSQL store")
