@@ -1,5 +1,5 @@
 """The MQTT adapter's pure parts: decode (structured, binary, batch, every
-refusal reason), encode (both content modes, topics, error reports) and the
+refusal reason), encode (every content mode, topics, error reports) and the
 round trip of every event type; plus the AsyncAPI document's structure."""
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import msgspec
 import orjson
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adapters.mqtt import decode, encode
 from adapters.mqtt.config import MqttConfig
 from gateway.adapter import Delivery
 from gateway.ids import EventId, GroupId, PlatformName
-from schemas.cloudevents import BATCH_CONTENT_TYPE, CONTENT_TYPE, MAX_BATCH
+from schemas.cloudevents import BATCH_CONTENT_TYPE, CONTENT_TYPE, MAX_BATCH, format_time
 from schemas.v1 import EVENT_TYPES
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -235,6 +237,90 @@ def test_the_event_id_is_the_delivery_id_every_time() -> None:
         assert first == again
 
 
+def deliveries(n: int, group: str = "groep-7", first: int = 0) -> list[Delivery]:
+    """``n`` deliveries of every example type in turn, ids cge_{first}..."""
+    types = sorted(EXAMPLES)
+    return [msgspec.structs.replace(delivery(types[i % len(types)], group=group), event_id=EventId(f"cge_{i}"))
+            for i in range(first, first + n)]
+
+
+def test_batch_mode_sends_a_delivery_as_one_batch_message() -> None:
+    batch = deliveries(12)
+    [out] = encode.messages("urn:gw", "civic/v1", "m", batch, "batch")
+    assert out.topic == "civic/v1/m/out/groep-7"
+    assert out.content_type == BATCH_CONTENT_TYPE and out.user_properties == ()
+    # a JSON array of exactly the events structured mode sends one by one, in order
+    singles = [orjson.loads(encode.message("urn:gw", "civic/v1", "m", d, "structured").payload) for d in batch]
+    assert orjson.loads(out.payload) == singles
+    # the same form a site may publish: read back, they are the same events
+    back = decode.decode(M, decode.Received(out.payload, out.content_type), 1 << 20, NOW)
+    assert [(b.event_id, b.group, b.type, b.payload, b.time) for b in back] == [
+        (d.event_id, d.group, d.type, d.payload, d.time) for d in batch]
+
+
+def test_batch_mode_sends_a_single_event_structured_and_one_message_per_group() -> None:
+    [one] = encode.messages("urn:gw", "civic/v1", "m", deliveries(1), "batch")
+    assert one == encode.message("urn:gw", "civic/v1", "m", deliveries(1)[0], "structured")
+    assert one.content_type == CONTENT_TYPE
+    # the core gives one group per delivery; should it not, order and topics still hold
+    mixed = deliveries(2, "a") + deliveries(1, "b", 2) + deliveries(3, "a/b", 3)
+    outs = encode.messages("urn:gw", "civic/v1", "m", mixed, "batch")
+    assert [(o.topic, o.content_type) for o in outs] == [
+        ("civic/v1/m/out/a", BATCH_CONTENT_TYPE), ("civic/v1/m/out/b", CONTENT_TYPE),
+        ("civic/v1/m/out/a%2Fb", BATCH_CONTENT_TYPE)]
+    ids = []
+    for o in outs:
+        body = orjson.loads(o.payload)
+        ids += [e["id"] for e in (body if isinstance(body, list) else [body])]
+    assert ids == [f"cge_{i}" for i in range(6)]
+
+
+def test_batch_mode_splits_a_delivery_larger_than_max_bytes() -> None:
+    batch = deliveries(10)
+    sizes = [len(encode.message("urn:gw", "civic/v1", "m", d, "structured").payload) for d in batch]
+    limit = sum(sizes[:4]) + 5  # four events, their commas and brackets
+    outs = encode.messages("urn:gw", "civic/v1", "m", batch, "batch", limit)
+    assert all(len(o.payload) <= limit or o.content_type == CONTENT_TYPE for o in outs)
+    assert len(outs[0].payload) == limit  # filled up exactly
+    ids = []
+    for o in outs:
+        body = orjson.loads(o.payload)
+        ids += [e["id"] for e in (body if isinstance(body, list) else [body])]
+    assert ids == [f"cge_{i}" for i in range(10)]
+    # an event larger than the bound on its own still goes, alone and structured
+    tiny = encode.messages("urn:gw", "civic/v1", "m", batch[:3], "batch", 10)
+    assert [o.content_type for o in tiny] == [CONTENT_TYPE] * 3
+
+
+@pytest.mark.parametrize("mode", ["structured", "binary"])
+def test_the_other_modes_send_one_message_per_event(mode: str) -> None:
+    batch = deliveries(3)
+    assert encode.messages("urn:gw", "civic/v1", "m", batch, mode) == [  # type: ignore[arg-type]
+        encode.message("urn:gw", "civic/v1", "m", d, mode) for d in batch]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seconds", [
+    0.0, -0.0, 1.9999995, 1.9999994, 1.0000005, 2.5e-6, -1.5, -0.0000005, 1_741_944_600.9995,
+    253_402_300_799.999, -62_135_596_800.0, 253_402_300_800.0, -62_135_596_801.0, 1e20])
+def test_event_time_is_format_time(seconds: float) -> None:
+    try:
+        expected: object = format_time(seconds)
+    except (OverflowError, OSError, ValueError) as exc:
+        expected = type(exc)
+    try:
+        got: object = encode.event_time(seconds)
+    except (OverflowError, OSError, ValueError) as exc:
+        got = type(exc)
+    assert got == expected
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.floats(min_value=-62_135_596_800, max_value=253_402_300_799, allow_nan=False)
+       | st.integers(1_600_000_000, 1_900_000_000).map(lambda s: s + 0.0005) | st.floats(1.7e9, 1.8e9))
+def test_event_time_is_format_time_everywhere(seconds: float) -> None:
+    assert encode.event_time(seconds) == format_time(seconds)
+
+
 @pytest.mark.parametrize(("group", "level"), [
     ("groep-7", "groep-7"), ("Ünïcode grüp", "Ünïcode grüp"), ("a/b", "a%2Fb"), ("50%", "50%25"),
     ("+#", "%2B%23"), ("line\nbreak\0", "line%0Abreak%00"), ("$share", "$share"),
@@ -261,6 +347,9 @@ def test_config_reads_the_broker_url() -> None:
     c = MqttConfig(broker="mqtt://localhost")
     assert (c.port, c.username, c.content_mode, c.batch_max, c.topic_prefix) == (1883, None, "structured", 100,
                                                                                "civic/v1")
+    assert MqttConfig(broker="mqtt://localhost", content_mode="batch").content_mode == "batch"
+    with pytest.raises(msgspec.ValidationError, match="content_mode"):
+        msgspec.convert({"broker": "mqtt://localhost", "content_mode": "batches"}, MqttConfig)
 
 
 @pytest.mark.parametrize(("kwargs", "key"), [

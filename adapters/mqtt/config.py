@@ -20,12 +20,20 @@ class MqttConfig(Struct, forbid_unknown_fields=True, kw_only=True, dict=True):
     """Overrides the password in ``broker``."""
     topic_prefix: str = "civic/v1"
     """Topics are ``{topic_prefix}/{platform}/in``, ``.../out/{group}`` and ``.../errors``."""
-    content_mode: Literal["structured", "binary"] = "structured"
+    content_mode: Literal["structured", "binary", "batch"] = "structured"
     """How events go out: structured (the whole CloudEvent as the JSON payload,
-    Content Type ``application/cloudevents+json``) or binary (attributes as MQTT 5
-    user properties, ``data`` as the payload). Both are accepted inbound."""
+    Content Type ``application/cloudevents+json``), binary (attributes as MQTT 5
+    user properties, ``data`` as the payload), or batch (the events of one
+    delivery as one message, a JSON array with Content Type
+    ``application/cloudevents-batch+json``; a delivery of one event is sent
+    structured). All three are accepted inbound."""
     batch_max: Annotated[int, Meta(ge=1, le=1000)] = 100
-    """Most events one delivery publishes together (one MQTT message each)."""
+    """Most events one delivery publishes together (one MQTT message each, or
+    one message for them all with ``content_mode = "batch"``)."""
+    batch_bytes: Annotated[int, Meta(ge=1024, le=MAX_MQTT_PAYLOAD)] = 256 * 1024
+    """With ``content_mode = "batch"``: most bytes of payload in one message; a
+    delivery larger than that goes out as several messages (and less if the
+    broker announces a smaller Maximum Packet Size)."""
     max_payload: Annotated[int, Meta(ge=1024, le=MAX_MQTT_PAYLOAD)] = 1024 * 1024
     """Largest payload a site may publish, in bytes; larger ones go to ``errors``."""
     ack_timeout: Annotated[float, Meta(gt=0, le=300)] = 10.0
