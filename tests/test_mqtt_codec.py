@@ -332,7 +332,6 @@ def test_group_ids_become_one_topic_level(group: str, level: str) -> None:
 
 def test_topics() -> None:
     assert encode.in_topic("civic/v1", "m") == "civic/v1/m/in"
-    assert encode.in_filter("x/y", "m") == "$share/civic-gateway/x/y/m/in"
     assert encode.errors_topic("civic/v1", "m") == "civic/v1/m/errors"
 
 

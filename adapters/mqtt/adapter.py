@@ -42,9 +42,19 @@ class MqttAdapter(Adapter):
         super().__init__(ctx)
         self.config: MqttConfig = ctx.config
         self._caps = Capabilities(batch_max=self.config.batch_max)
-        client_id = self.config.client_id or f"civic-gateway-mqtt.{ctx.name}.{ctx.node}"
-        self.connection = Connection(self.config, client_id, encode.in_filter(self.config.topic_prefix, ctx.name),
-                                     self._take)
+        # Intake: ONE consumer per platform, whatever the number of gateway
+        # nodes, so that a site's messages are stored in the order it sent
+        # them (a shared subscription would deal them out to several nodes,
+        # which store them in any order). In a cluster the node that leads
+        # ``mqtt-in/{platform}`` holds it; its client id is the same on every
+        # node, so the next leader takes over the broker session, with every
+        # message not yet acknowledged, and the broker cuts off a stale one.
+        client_id = self.config.client_id or f"civic-gateway-mqtt.{ctx.name}"
+        lead = f"mqtt-in/{ctx.name}"
+        self.connection = Connection(self.config, client_id, encode.in_topic(self.config.topic_prefix, ctx.name),
+                                     self._take, active=lambda: ctx.leads(lead))
+        # Delivery: every node publishes the groups it owns, on a connection of its own.
+        self.publisher = Connection(self.config, f"{client_id}.out.{ctx.node}", None, None)
         self._tasks = TaskGroup()
 
     @property
@@ -53,6 +63,7 @@ class MqttAdapter(Adapter):
 
     async def start(self) -> None:
         self._tasks.spawn(self.connection.run(), f"mqtt-{self.name}")
+        self._tasks.spawn(self.publisher.run(), f"mqtt-{self.name}-out")
 
     async def stop(self) -> None:
         await self._tasks.close()
@@ -64,7 +75,7 @@ class MqttAdapter(Adapter):
         """Publish ``batch`` at QoS 1 (each event its own message, all in flight
         together, or with ``content_mode = "batch"`` one message for them all)
         and wait for every PUBACK."""
-        client = self.connection.client
+        client = self.publisher.client
         if client is None or not client.connected:
             raise TransientDeliveryError(f"not connected to the MQTT broker {self.config.redacted_broker()}")
         source, prefix, mode = self.ctx.gateway_source, self.config.topic_prefix, self.config.content_mode

@@ -291,15 +291,31 @@ def coalesce(out: deque[Any]) -> None:
         out.extend(packets)
 
 
-class Connection:
-    """The broker connection of one MQTT platform. ``client`` is the connected
-    client, or None between connections (``deliver`` then fails fast)."""
+ACTIVE_CHECK = 0.25
+"""Seconds between two looks at whether this node should hold a consumer connection."""
 
-    def __init__(self, config: MqttConfig, client_id: str, subscription: str, handler: Handler) -> None:
+
+class _Inactive(Exception):
+    """This node no longer leads the platform's intake: let the next one take the session."""
+
+
+class Connection:
+    """One broker connection of an MQTT platform. ``client`` is the connected
+    client, or None between connections (``deliver`` then fails fast).
+
+    With a ``subscription`` it is a consumer: a persistent session, so what it
+    has not acknowledged waits in the broker, and it is connected only while
+    ``active()`` (in a cluster: while this node leads the platform's intake;
+    the next leader takes the same session over by its client id). Without,
+    it only publishes, with a clean session."""
+
+    def __init__(self, config: MqttConfig, client_id: str, subscription: str | None, handler: Handler | None,
+                 active: Callable[[], bool] = lambda: True) -> None:
         self.config = config
         self.client_id = client_id
         self.subscription = subscription
         self.handler = handler
+        self.active = active
         self.client: AckingClient | None = None
         self.connections = 0
         self.connected = asyncio.Event()
@@ -307,13 +323,14 @@ class Connection:
 
     def _new_client(self) -> AckingClient:
         props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.config.session_expiry
+        consumer = self.subscription is not None
+        props.SessionExpiryInterval = self.config.session_expiry if consumer else 0
         props.ReceiveMaximum = self.config.receive_maximum
         # A fresh client per connection: messages queued in an old one carry
         # packet ids of a dead connection and must not be acknowledged on a new one.
         return AckingClient(self.config.host, self.config.port, username=self.config.username,
                             password=self.config.password, identifier=self.client_id,
-                            protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=props,
+                            protocol=aiomqtt.ProtocolVersion.V5, clean_start=not consumer, properties=props,
                             keepalive=self.config.keepalive, timeout=self.config.ack_timeout,
                             tls_context=self._tls)
 
@@ -322,20 +339,28 @@ class Connection:
         delay = RECONNECT_MIN
         where = self.config.redacted_broker()
         while True:
+            if not self.active():
+                await asyncio.sleep(ACTIVE_CHECK)
+                continue
             client = self._new_client()
             try:
                 async with client:
-                    granted = await client.subscribe(self.subscription, qos=1)
-                    refused = [rc for rc in granted if int(getattr(rc, "value", rc)) >= 0x80]
-                    if refused:
-                        raise aiomqtt.MqttError(f"the broker refused the subscription to {self.subscription}: "
-                                                f"{refused[0]}")
+                    if self.subscription is not None:
+                        granted = await client.subscribe(self.subscription, qos=1)
+                        refused = [rc for rc in granted if int(getattr(rc, "value", rc)) >= 0x80]
+                        if refused:
+                            raise aiomqtt.MqttError(f"the broker refused the subscription to {self.subscription}: "
+                                                    f"{refused[0]}")
                     self.client = client
                     self.connections += 1
                     self.connected.set()
                     delay = RECONNECT_MIN
                     log.info("connected to %s as %s", where, self.client_id)
                     await self._take(client)
+            except _Inactive:
+                log.info("%s: another gateway node takes this platform's messages now; disconnecting",
+                         self.client_id)
+                continue
             except aiomqtt.MqttError as exc:
                 why = f"{exc}: {exc.__cause__}" if exc.__cause__ else str(exc)
                 log.warning("MQTT connection to %s lost or refused (%s); reconnecting in %.1f s", where, why, delay)
@@ -359,6 +384,11 @@ class Connection:
             async for message in client.messages:
                 queue.put_nowait(message)
 
+        async def watch() -> None:
+            while self.active():
+                await asyncio.sleep(ACTIVE_CHECK)
+            raise _Inactive()
+
         async def handle() -> None:
             while True:
                 batch = [await queue.get()]
@@ -366,11 +396,14 @@ class Connection:
                 while not queue.empty() and len(batch) < TAKE_MAX and size < TAKE_BYTES:
                     batch.append(queue.get_nowait())
                     size += len(batch[-1].payload or b"")  # type: ignore[arg-type]
+                assert self.handler is not None
                 await self.handler(client, batch)
 
         loop = asyncio.get_running_loop()
         tasks = {loop.create_task(read(), name=f"mqtt-read-{self.client_id}"),
-                 loop.create_task(handle(), name=f"mqtt-handle-{self.client_id}")}
+                 loop.create_task(watch(), name=f"mqtt-watch-{self.client_id}")}
+        if self.subscription is not None:
+            tasks.add(loop.create_task(handle(), name=f"mqtt-handle-{self.client_id}"))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:

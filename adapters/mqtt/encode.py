@@ -13,7 +13,6 @@ from adapters.mqtt.decode import InputError
 from gateway.adapter import Delivery
 from schemas.cloudevents import BATCH_CONTENT_TYPE, BY_TYPE, CONTENT_TYPE, format_time
 
-SHARE_GROUP = "civic-gateway"
 """Every node of a gateway subscribes in this shared-subscription group, so each message is taken once."""
 JSON = "application/json"
 
@@ -33,11 +32,6 @@ class Outgoing(msgspec.Struct, frozen=True):
 
 def in_topic(prefix: str, platform: str) -> str:
     return f"{prefix}/{platform}/in"
-
-
-def in_filter(prefix: str, platform: str) -> str:
-    """The gateway's subscription: shared, so that in a cluster one node takes each message."""
-    return f"$share/{SHARE_GROUP}/{in_topic(prefix, platform)}"
 
 
 def errors_topic(prefix: str, platform: str) -> str:
