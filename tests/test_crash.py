@@ -9,61 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import aiohttp
 
+from tests.clusterkit import Node
 from tests.sitekit import Sender, Site, free_port, new_secret, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 SCALE = float(os.environ.get("CIVIC_SOAK_SCALE", "1"))
 MESSAGES = int(2000 * SCALE)
 KILLS = max(5, int(5 * SCALE))
 GROUPS = 8
-
-
-class GatewayProcess:
-    def __init__(self, config: Path, port: int, log: Path) -> None:
-        self.config, self.port, self.log = config, port, log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    async def start(self) -> None:
-        logf = open(self.log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", str(self.config)],
-                                     cwd=ROOT, stdout=logf, stderr=logf)
-        logf.close()
-        self.starts += 1
-        deadline = time.monotonic() + 30
-        async with aiohttp.ClientSession() as s:
-            while time.monotonic() < deadline:
-                assert self.proc.poll() is None, f"gateway exited: see {self.log}"
-                try:
-                    async with s.get(f"http://127.0.0.1:{self.port}/readyz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-        raise AssertionError("gateway did not become ready")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 async def test_sigkill_during_load_loses_nothing_and_keeps_order(tmp_path: Path, capsys) -> None:
@@ -76,10 +32,9 @@ async def test_sigkill_during_load_loses_nothing_and_keeps_order(tmp_path: Path,
     links = "".join(
         f'[[links]]\nname = "l{g}"\ngroups = [{{platform = "a", group = "g{g}"}}, {{platform = "b", group = "g{g}"}},'
         f' {{platform = "c", group = "g{g}"}}]\n' for g in range(GROUPS))
-    cfg = tmp_path / "gw.toml"
-    cfg.write_text(f'[gateway]\nlisten = "127.0.0.1:{port}"\ndatabase = "{tmp_path}/gw.db"\nlog_format = "text"\n'
-                   f'retry_max_delay = 0.3\n' + a.config() + b.config(batch_max=20) + c.config(batch_max=1) + links)
-    gw = GatewayProcess(cfg, port, tmp_path / "gateway.log")
+    gw = Node("gw", f'[gateway]\nlisten = "127.0.0.1:{port}"\ndatabase = "{tmp_path}/gw.db"\nlog_format = "text"\n'
+              f'retry_max_delay = 0.3\n' + a.config() + b.config(batch_max=20) + c.config(batch_max=1) + links,
+              port, tmp_path)
     await gw.start()
     sender = Sender(f"http://127.0.0.1:{port}", "a", a.secret)
     accepted: dict[int, list[str]] = {g: [] for g in range(GROUPS)}

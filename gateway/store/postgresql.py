@@ -49,6 +49,7 @@ import msgspec
 
 from gateway.ids import CanonicalId, EventId, GroupId, GroupRef, LinkName, NativeId, PlatformName
 from gateway.store.base import ClusterView, DeadLetter, Mapping, ModerationEntry, OutboxItem, Store
+from gateway.store.jobs import Job, settle
 
 try:
     import uvloop
@@ -245,24 +246,6 @@ class PgTx:
                      " DO UPDATE SET state = EXCLUDED.state, updated = EXCLUDED.updated", actor, state, now)
 
 
-class _Job:
-    __slots__ = ("fn", "future")
-
-    def __init__(self, fn: Callable[[PgTx], Any], future: asyncio.Future[Any]) -> None:
-        self.fn = fn
-        self.future = future
-
-
-def _settle(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
-    for fut, ok, value in results:
-        if fut.done():
-            continue
-        if ok:
-            fut.set_result(value)
-        else:
-            fut.set_exception(value)
-
-
 async def _migrate(conn: asyncpg.Connection) -> None:
     """Apply pending migrations, one node at a time (a session advisory lock)."""
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
@@ -308,9 +291,9 @@ class _Worker:
         except BaseException as exc:  # reported to open()
             self._disconnect()
             loop.close()
-            self.store._to_loop(_settle, [(ready, False, exc)])
+            self.store._to_loop(settle, [(ready, False, exc)])
             return
-        self.store._to_loop(_settle, [(ready, True, None)])
+        self.store._to_loop(settle, [(ready, True, None)])
         jobs = self.store._jobs
         stop = False
         while not stop:
@@ -329,11 +312,11 @@ class _Worker:
                 batch.append(nxt)
             results = self._run_batch(batch)
             self.finished += len(batch)
-            self.store._to_loop(_settle, results)
+            self.store._to_loop(settle, results)
         self._disconnect()
         loop.close()
 
-    def _run_batch(self, batch: list[_Job]) -> list[tuple[asyncio.Future[Any], bool, Any]]:
+    def _run_batch(self, batch: list[Job]) -> list[tuple[asyncio.Future[Any], bool, Any]]:
         delay = RETRY_MIN
         failures = 0
         while True:
@@ -366,7 +349,7 @@ class _Worker:
             if self.store.on_retry is not None:
                 self.store.on_retry()
 
-    def _attempt(self, batch: list[_Job]) -> list[tuple[asyncio.Future[Any], bool, Any]]:
+    def _attempt(self, batch: list[Job]) -> list[tuple[asyncio.Future[Any], bool, Any]]:
         conn, loop = self.conn, self.loop
         if conn is None or loop is None:
             raise _Retry(ConnectionError("not connected to PostgreSQL"))
@@ -453,7 +436,7 @@ class PostgresStore(Store):
         self.dsn = dsn
         self.pool = pool
         self.horizon_wait = horizon_wait
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._workers: list[_Worker] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._open = False
@@ -530,7 +513,7 @@ class PostgresStore(Store):
             raise RuntimeError("store is not open")
         fut: asyncio.Future[T] = loop.create_future()
         self._submitted += 1
-        self._jobs.put(_Job(fn, fut))
+        self._jobs.put(Job(fn, fut))
         return fut
 
     async def transact(self, fn: Callable[[PgTx], T]) -> T:  # type: ignore[override]

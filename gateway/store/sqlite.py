@@ -39,6 +39,7 @@ import msgspec
 
 from gateway.ids import CanonicalId, EventId, GroupId, GroupRef, LinkName, NativeId, PlatformName
 from gateway.store.base import DeadLetter, Mapping, ModerationEntry, OutboxItem, Store
+from gateway.store.jobs import Job, settle
 
 T = TypeVar("T")
 log = logging.getLogger("civic.store")
@@ -152,37 +153,19 @@ class SqliteTx:
                        " DO UPDATE SET state = excluded.state, updated = excluded.updated", (actor, state, now))
 
 
-class _Job:
-    __slots__ = ("fn", "future")
-
-    def __init__(self, fn: Callable[[SqliteTx], Any], future: asyncio.Future[Any]) -> None:
-        self.fn = fn
-        self.future = future
-
-
-def _settle(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
-    for fut, ok, value in results:
-        if fut.done():
-            continue
-        if ok:
-            fut.set_result(value)
-        else:
-            fut.set_exception(value)
-
-
 class SqliteStore(Store):
     def __init__(self, path: str, *, synchronous: str = "normal") -> None:
         self.path = path
         self.synchronous = synchronous.upper()
         self.inline = self.synchronous == "NORMAL"
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._checkpointer: threading.Thread | None = None
         self._stop_checkpoints = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: sqlite3.Connection | None = None
         self._tx: SqliteTx | None = None
-        self._pending: list[_Job] = []
+        self._pending: list[Job] = []
         self._flush_scheduled = False
         self._submitted = 0  # touched by the event loop thread only
         self._finished = 0  # touched by the worker thread only
@@ -306,11 +289,11 @@ class SqliteStore(Store):
                     log.warning("store busy (%s); retrying", exc)
                     time.sleep(0.01)
             self._finished += len(batch)
-            loop.call_soon_threadsafe(_settle, results)
+            loop.call_soon_threadsafe(settle, results)
         conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, tx: SqliteTx,
-                   batch: list[_Job]) -> list[tuple[asyncio.Future[Any], bool, Any]]:
+                   batch: list[Job]) -> list[tuple[asyncio.Future[Any], bool, Any]]:
         results: list[tuple[asyncio.Future[Any], bool, Any]] = []
         conn.execute("BEGIN IMMEDIATE")  # sqlite3.OperationalError if busy: the caller retries
         try:
@@ -346,13 +329,13 @@ class SqliteStore(Store):
             raise RuntimeError("store is not open")
         fut: asyncio.Future[T] = loop.create_future()
         if self._conn is not None:
-            self._pending.append(_Job(fn, fut))
+            self._pending.append(Job(fn, fut))
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 loop.call_soon(self._flush)
             return fut
         self._submitted += 1
-        self._jobs.put(_Job(fn, fut))
+        self._jobs.put(Job(fn, fut))
         return fut
 
     def _flush(self) -> None:
@@ -371,7 +354,7 @@ class SqliteStore(Store):
                     self._loop.call_later(0.002, self._flush)
                 return
             del self._pending[:len(batch)]
-            _settle(results)
+            settle(results)
 
     async def transact(self, fn: Callable[[SqliteTx], T]) -> T:  # type: ignore[override]
         return await self._submit(fn)
