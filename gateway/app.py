@@ -252,7 +252,13 @@ class Gateway:
         body: dict[str, object] = {"ready": ready, "node": self.node if self.cluster else "embedded",
                                    "queues": self.delivery.owners(), "undelivered": self._outbox_depth}
         if self.cluster is not None:
-            body["cluster"] = self.cluster.status()
+            status = self.cluster.status()
+            try:  # the whole cluster's view: which node delivers which partition now
+                owners = await self.store.cluster_owners()
+                status["owners"] = {str(part): node for part, node in owners.items()}
+            except Exception as exc:  # the store is unreachable: say so, and the leases will tell
+                status["owners_error"] = str(exc) or type(exc).__name__
+            body["cluster"] = status
         return web.json_response(body, status=200 if ready else 503)
 
     async def _moderation_log(self, request: web.Request) -> web.Response:

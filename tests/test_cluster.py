@@ -237,6 +237,9 @@ async def run_cluster_scenario(tmp_path: Path, dsn: str, mosq: Mosquitto, capsys
                 break
             await asyncio.sleep(0.3)
         assert all(owned) and sum(owned) == 64, f"partitions not shared: {owned}"
+        view = (await nodes[0].readyz())["cluster"]
+        assert len(view["owners"]) == 64 and set(view["owners"].values()) == {"n1", "n2", "n3"}
+        assert {int(p) for p, n in view["owners"].items() if n == "n1"} == set(view["owned"])
 
         # Phase 1: spread load.
         await load(1)
