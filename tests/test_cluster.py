@@ -243,6 +243,15 @@ async def run_cluster_scenario(tmp_path: Path, dsn: str, mosq: Mosquitto, capsys
 
         # Phase 1: spread load.
         await load(1)
+        # The same event at every node: accepted by each (202), stored and delivered once.
+        dup_before = sum([await n.metric("civic_dropped_total", reason="duplicate") for n in nodes])
+        twice = message("a", 0, 19_999)
+        for n in nodes:
+            status, _ = await senders[n.name].send([twice])
+            assert status == 202
+        accepted["a", 0].append(19_999)
+        dup_after = sum([await n.metric("civic_dropped_total", reason="duplicate") for n in nodes])
+        assert dup_after - dup_before == 2, "an event sent to three nodes was not taken exactly once"
         delivered_by = [await n.metric("civic_events_out_total") for n in nodes]
         assert sum(1 for d in delivered_by if d > 0) >= 2, f"delivery not spread over nodes: {delivered_by}"
 
