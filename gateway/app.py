@@ -27,7 +27,7 @@ from gateway.config import Config, validate_adapters
 from gateway.delivery import DeliveryEngine
 from gateway.ids import PlatformName
 from gateway.metrics import Metrics
-from gateway.pipeline import Pipeline
+from gateway.pipeline import ECHO_WINDOW, Pipeline
 from gateway.router import Router
 from gateway.store import Store, open_store
 from gateway.store.base import OutboxItem
@@ -205,13 +205,16 @@ class Gateway:
                 log.warning("reloading bans and consent failed: %s", exc)
 
     async def _housekeeping(self) -> None:
-        last_prune = 0.0
+        last_prune = last_fingerprints = 0.0
         while True:
             await asyncio.sleep(2.0)
             try:
                 await self._refresh_depth()
                 if self.cluster is not None:
                     self.metrics.bus_connected.set(1 if self.cluster.bus.connected else 0)
+                if time.time() - last_fingerprints > 60:
+                    last_fingerprints = time.time()
+                    await self.store.prune_fingerprints(time.time() - ECHO_WINDOW)
                 if time.time() - last_prune > 3600:
                     last_prune = time.time()
                     pruned = await self.store.prune_processed(time.time() - PROCESSED_RETENTION)

@@ -11,6 +11,7 @@ moderation log. The steps are small methods, cheapest first.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -82,8 +83,10 @@ class Pipeline:
         # Fingerprints of what was just sent to each group, so that a site which
         # sends an event straight back (its hooks fire for what the gateway
         # posted) is recognised even where no stand-in author gives it away.
-        self._sent_now: set[int] = set()
-        self._sent_before: set[int] = set()
+        # Kept here for speed and in the store (``Tx.remember_sent``) so that
+        # another node of a cluster, or this one after a restart, knows them too.
+        self._sent_now: set[bytes] = set()
+        self._sent_before: set[bytes] = set()
         self._sent_since = clock()
         self._handlers: dict[str, Callable[..., Outcome]] = {
             t: getattr(self, "_in_" + t.removeprefix("civic.").replace(".", "_")) for t in EVENT_TYPES}
@@ -118,7 +121,7 @@ class Pipeline:
         if not routes:
             return Outcome("dropped", "unlinked")
         p = ev.payload
-        if ev.type in FINGERPRINTED and (self._sent_now or self._sent_before) and self._is_echo(ev):
+        if ev.type in FINGERPRINTED and self._is_echo(tx, ev, now):
             return Outcome("dropped", "echo")
         acting = _acting_actor(p)
         acting_c: CanonicalId | None = None
@@ -348,7 +351,9 @@ class Pipeline:
             event_id = EventId(ids.new_id("cge_"))
             body = encode_payload(payload)
             if etype in FINGERPRINTED:
-                self._remember_sent(hash((route.target.platform, route.target.group, etype, body)), now)
+                fingerprint = _fingerprint(route.target.platform, route.target.group, etype, body)
+                self._remember_sent(fingerprint, now)
+                tx.remember_sent(fingerprint, now)  # for the other nodes, and after a restart
             pend = " ".join(pending) or None
             seq = tx.enqueue(route.target, event_id, etype, ev.platform, now, pend, body, ev.time)
             out.items.append(OutboxItem(seq, route.target, event_id, etype, ev.platform, now, pend, body, ev.time))
@@ -357,15 +362,17 @@ class Pipeline:
         degraded.extend(skipped)
         return out
 
-    def _remember_sent(self, key: int, now: float) -> None:
+    def _remember_sent(self, key: bytes, now: float) -> None:
         # Two generations: what was sent in this half-window and in the one before.
         if len(self._sent_now) >= ECHO_MEMORY // 2 or now - self._sent_since > ECHO_WINDOW / 2:
             self._sent_before, self._sent_now, self._sent_since = self._sent_now, set(), now
         self._sent_now.add(key)
 
-    def _is_echo(self, ev: Inbound) -> bool:
-        key = hash((ev.platform, ev.group, ev.type, encode_payload(ev.payload)))
-        return key in self._sent_now or key in self._sent_before
+    def _is_echo(self, tx: Tx, ev: Inbound, now: float) -> bool:
+        key = _fingerprint(ev.platform, ev.group, ev.type, encode_payload(ev.payload))
+        if key in self._sent_now or key in self._sent_before:
+            return True
+        return tx.sent_since(key, now - ECHO_WINDOW)  # sent by another node, or before a restart
 
     def _moderate(self, tx: Tx, ev: Inbound, source: GroupRef, action: str, subject: str,
                   member: Actor | None, by: Actor | None, reason: str | None, category: str | None,
@@ -417,6 +424,12 @@ class Pipeline:
         if hit[1] == ids.SENT:
             pending.append(c)  # the target may name its own id before this is delivered
         return hit[0]
+
+
+def _fingerprint(platform: str, group: str, etype: str, body: bytes) -> bytes:
+    """The same on every node and in every process (unlike ``hash``)."""
+    return hashlib.blake2b(b"\0".join((platform.encode(), group.encode(), etype.encode(), body)),
+                           digest_size=16).digest()
 
 
 def _acting_actor(p: Any) -> Actor | None:

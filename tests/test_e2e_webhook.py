@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 
 from tests.conftest import Net, start_net, stop_net
-from tests.sitekit import CE, wait_for
+from tests.sitekit import CE, Sender, wait_for
 
 
 def msg(mid: str, text: str, *, author: str = "alice", name: str = "Alice", identity: str = "pseudonymous",
@@ -320,3 +320,33 @@ async def test_echoed_reports_deletions_and_moderation_do_not_loop(net3: Net) ->
     assert [r.event["type"] for r in c.events] == [
         "civic.message.created", "civic.report.filed", "civic.moderation.action", "civic.message.deleted"]
     assert net3.gw.metrics.dropped.labels("b", "echo")._value.get() == 3
+
+
+async def test_an_echo_is_recognised_by_a_node_that_did_not_send_the_original(net3: Net) -> None:
+    """In a cluster a site may echo to another node than the one that sent; after
+    a restart the sender's memory is gone. The fingerprints in the store cover both:
+    here the echo arrives after the gateway's in-memory fingerprints were dropped."""
+    a, b, c = (net3.sites[n] for n in "abc")
+    sa, pipeline = net3.senders["a"], net3.gw.pipeline
+    assert pipeline is not None
+    await sa.send([sa.event("civic.message.created", "g-a", msg("f-1", "to be removed"))])
+    await wait_for(lambda: b.of_type("civic.message.created") and c.of_type("civic.message.created"), what="copies")
+
+    class ForgetfulNode(Sender):  # the echo reaches a node that remembers nothing
+        async def send(self, events, **kw):  # type: ignore[no-untyped-def, override]
+            pipeline._sent_now.clear()
+            pipeline._sent_before.clear()
+            return await super().send(events, **kw)
+
+    b.echo_to = ForgetfulNode(net3.url, "b", b.secret)
+    try:
+        await sa.send([sa.event("civic.moderation.action", "g-a", {"action": "kick", "member": {"id": "yy"},
+                                                                   "reason": "rules"})])
+        await wait_for(lambda: c.of_type("civic.moderation.action") and b.of_type("civic.moderation.action"),
+                       what="relayed")
+        await _settle(net3)
+        assert net3.gw.metrics.dropped.labels("b", "echo")._value.get() == 1
+        assert [r.event["type"] for r in c.events] == ["civic.message.created", "civic.moderation.action"]
+        assert a.events == []
+    finally:
+        await b.echo_to.close()

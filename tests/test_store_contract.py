@@ -612,3 +612,16 @@ async def test_backlog_zero_when_idle(store: Store) -> None:
     await asyncio.gather(*(store.transact(lambda tx, i=i: tx.first_seen(P("a"), E(f"e{i}"), 1.0)) for i in range(50)))
     await store.outbox_counts()
     assert store.backlog() == 0
+
+
+async def test_sent_fingerprints_are_remembered_for_a_window_and_pruned(store: Store) -> None:
+    a, b = b"\x01" * 16, b"\x02" * 16
+    await store.transact(lambda tx: tx.remember_sent(a, 1000.0))
+    await store.transact(lambda tx: tx.remember_sent(b, 1500.0))
+    assert await store.transact(lambda tx: tx.sent_since(a, 900.0)) is True
+    assert await store.transact(lambda tx: tx.sent_since(a, 1001.0)) is False, "older than the window"
+    assert await store.transact(lambda tx: tx.sent_since(b"\x03" * 16, 0.0)) is False
+    await store.transact(lambda tx: tx.remember_sent(a, 1000.0))  # the same one again: no error
+    assert await store.prune_fingerprints(1200.0) == 1
+    assert await store.transact(lambda tx: tx.sent_since(a, 0.0)) is False
+    assert await store.transact(lambda tx: tx.sent_since(b, 0.0)) is True

@@ -143,6 +143,12 @@ class Tx(Protocol):
 
     def set_consent(self, actor: CanonicalId, state: str, now: float) -> None: ...
 
+    def remember_sent(self, fingerprint: bytes, now: float) -> None:
+        """Record that an event with this fingerprint was just sent to a group."""
+
+    def sent_since(self, fingerprint: bytes, since: float) -> bool:
+        """Whether an event with this fingerprint was sent at ``since`` or later."""
+
 
 class Store(abc.ABC):
     """Durable state. Implementations: ``gateway.store.sqlite.SqliteStore`` and
@@ -217,6 +223,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def setting(self, key: str, default: Callable[[], str]) -> str:
         """A persistent setting; created from ``default()`` on first use."""
+
+    @abc.abstractmethod
+    async def prune_fingerprints(self, older_than: float) -> int:
+        """Forget fingerprints of events sent before ``older_than``; returns how many."""
 
     @abc.abstractmethod
     async def prune_processed(self, older_than: float) -> int:

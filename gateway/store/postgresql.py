@@ -241,6 +241,14 @@ class PgTx:
             "SELECT platform, grp, native, sent FROM id_map WHERE canonical = $1 AND kind = $2"
             " ORDER BY sent, platform, grp, native", canonical, kind)]
 
+    def remember_sent(self, fingerprint: bytes, now: float) -> None:
+        self.execute("INSERT INTO sent_fingerprints (fingerprint, sent) VALUES ($1, $2) ON CONFLICT (fingerprint)"
+                     " DO NOTHING", fingerprint, now)
+
+    def sent_since(self, fingerprint: bytes, since: float) -> bool:
+        return self.fetchval("SELECT 1 FROM sent_fingerprints WHERE fingerprint = $1 AND sent >= $2",
+                             fingerprint, since) is not None
+
     def set_consent(self, actor: CanonicalId, state: str, now: float) -> None:
         self.execute("INSERT INTO consent (actor, state, updated) VALUES ($1, $2, $3) ON CONFLICT (actor)"
                      " DO UPDATE SET state = EXCLUDED.state, updated = EXCLUDED.updated", actor, state, now)
@@ -651,6 +659,10 @@ class PostgresStore(Store):
             tx.execute("INSERT INTO settings (key, value) VALUES ($1, $2)", key, value)
             return value
         return await self._submit(run)
+
+    async def prune_fingerprints(self, older_than: float) -> int:
+        return await self._submit(lambda tx: _rowcount(tx.execute(
+            "DELETE FROM sent_fingerprints WHERE sent < $1", older_than)))
 
     async def prune_processed(self, older_than: float) -> int:
         total = 0

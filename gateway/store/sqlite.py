@@ -153,6 +153,15 @@ class SqliteTx:
                        " DO UPDATE SET state = excluded.state, updated = excluded.updated", (actor, state, now))
 
 
+    def remember_sent(self, fingerprint: bytes, now: float) -> None:
+        self.c.execute("INSERT OR REPLACE INTO sent_fingerprints (fingerprint, sent) VALUES (?, ?)",
+                       (fingerprint, now))
+
+    def sent_since(self, fingerprint: bytes, since: float) -> bool:
+        return self.c.execute("SELECT 1 FROM sent_fingerprints WHERE fingerprint = ? AND sent >= ?",
+                              (fingerprint, since)).fetchone() is not None
+
+
 class SqliteStore(Store):
     def __init__(self, path: str, *, synchronous: str = "normal") -> None:
         self.path = path
@@ -462,6 +471,10 @@ class SqliteStore(Store):
             tx.c.execute("INSERT INTO settings (key, value) VALUES (?, ?)", (key, value))
             return value
         return await self._submit(run)
+
+    async def prune_fingerprints(self, older_than: float) -> int:
+        return await self._submit(lambda tx: tx.c.execute("DELETE FROM sent_fingerprints WHERE sent < ?",
+                                                          (older_than,)).rowcount)
 
     async def prune_processed(self, older_than: float) -> int:
         # Rows arrive in time order, so the oldest have the lowest rowids: delete
