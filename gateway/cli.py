@@ -5,6 +5,9 @@
   civic-gateway schema export DIR        write the JSON Schema of every type
   civic-gateway backup --config FILE DEST   copy the state to DEST while it runs
   civic-gateway demo [--port N]          the gateway plus two linked demo sites
+  civic-gateway KIND COMMAND --config FILE [--platform NAME] [--output PATH]
+                                         a command an adapter package adds for platforms
+                                         of its kind, e.g. `matrix registration`
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sqlite3
 import sys
@@ -119,6 +123,81 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_platform(args: argparse.Namespace) -> int:
+    """``civic-gateway KIND COMMAND``: an adapter package's command on one platform
+    of its kind (found through ``gateway.registry``, never imported by name)."""
+    import msgspec
+
+    from gateway import registry
+    from gateway.config import load, validate_adapters
+
+    kind, command = args.kind, args.kind_command
+    try:
+        hook = registry.find_command(kind, command)
+    except LookupError as exc:
+        print(f"civic-gateway: {exc}", file=sys.stderr)
+        return 1
+    config = load(args.config)
+    ours = sorted(name for name, pc in config.platforms.items() if pc.kind == kind)
+    if args.platform is not None:
+        pc = config.platforms.get(args.platform)
+        if pc is None or pc.kind != kind:
+            what = "is not configured" if pc is None else f"is of kind {pc.kind!r}"
+            listed = ", ".join(ours) or "none"
+            raise ConfigError(f"{args.config}: platform {args.platform!r} {what} "
+                              f"(platforms of kind {kind!r}: {listed})")
+        name = args.platform
+    elif not ours:
+        raise ConfigError(f"{args.config}: no platform has kind = {kind!r}")
+    elif len(ours) > 1:
+        raise ConfigError(f"{args.config}: {len(ours)} platforms have kind = {kind!r} "
+                          f"({', '.join(ours)}): name one with --platform")
+    else:
+        name = ours[0]
+    # Validate only the chosen platform, against the command's settings struct
+    # (the key and line are named on error, as check-config does).
+    one = msgspec.structs.replace(config, platforms={name: config.platforms[name]})
+    validate_adapters(one, lambda _kind: hook)
+    text = hook(name, one.platforms[name].adapter_config)
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    mode = 0o600 if getattr(hook, "secret", True) else 0o644
+    try:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        print(f"civic-gateway: {args.output} exists; remove it first or choose another --output", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"civic-gateway: cannot create {args.output}: {exc.strerror}", file=sys.stderr)
+        return 1
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+    print(f"wrote {args.output} ({kind} {command} of platform {name!r})", file=sys.stderr)
+    return 0
+
+
+def _add_platform_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from gateway import registry
+
+    for kind, names in registry.commands().items():
+        if kind in sub.choices:
+            continue  # never shadow a built-in command
+        kp = sub.add_parser(kind, help=f"commands for platforms of kind {kind!r}: {', '.join(names)}")
+        kind_sub = kp.add_subparsers(dest="kind_command", required=True)
+        for command in names:
+            try:
+                what = registry.find_command(kind, command).help
+            except (LookupError, ImportError) as exc:
+                what = f"(cannot be loaded: {exc})"
+            c = kind_sub.add_parser(command, help=what, description=what)
+            c.add_argument("--config", required=True, help="the TOML config file")
+            c.add_argument("--platform", default=None,
+                           help=f"the [platforms.NAME] to use (needed when several have kind = {kind!r})")
+            c.add_argument("--output", default=None, help="the new file to write (default: standard output)")
+            c.set_defaults(func=cmd_platform, kind=kind)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="civic-gateway", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,6 +222,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", default=None, help="where the demo keeps its SQLite file (default: a temp dir)")
     demo.add_argument("--no-browser", action="store_true", help="only print the addresses")
     demo.set_defaults(func=cmd_demo)
+    _add_platform_commands(sub)
     return p
 
 
