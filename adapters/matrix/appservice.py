@@ -1,0 +1,295 @@
+"""Matrix -> gateway over the Application Service API: the routes the homeserver
+calls on the gateway, and the client call that asks it to ping us.
+
+``AppserviceInbound`` serves, under the path of ``appservice_url`` (the
+homeserver appends ``/_matrix/app/v1/...`` to that URL):
+
+* ``PUT  /_matrix/app/v1/transactions/{txnId}``: the events the homeserver
+  pushes. Each is decoded with ``decode_event``; a malformed one is logged and
+  counted, not fatal for the others; ignored ones (echoes, state the gateway
+  does not carry) are skipped. The rest go to ``ingest`` in one call, and the
+  answer is ``200 {}`` only once ``ingest`` returned, i.e. once they are stored
+  durably. ``Overloaded`` is answered with its status (429/503) and
+  ``Retry-After``: the homeserver keeps the transaction and sends the same one
+  again later (Synapse backs off 2, 4, 8 ... 512 s; a ping from us makes it
+  retry at once). A transaction id already completed is answered ``200 {}``
+  without ingesting again (a bounded in-memory map); after a restart the map
+  is empty, but every ``Inbound`` carries the Matrix ``event_id`` as its event
+  id, so the core's dedupe drops a replay all the same.
+* ``GET /_matrix/app/v1/users/{userId}`` and ``GET /_matrix/app/v1/rooms/{roomAlias}``:
+  the homeserver asks whether a user / alias in our namespace should exist.
+  Always ``404``: a ``200`` promises that the appservice *has created* the
+  entity (spec: it "MUST create the user using the client-server API"), and the
+  gateway registers its ghosts itself, lazily, when it first posts as them; it
+  provisions no aliases yet.
+* ``POST /_matrix/app/v1/ping``: ``200 {}``; the homeserver calls it when we call
+  ``POST /_matrix/client/v1/appservice/{id}/ping`` (``ping_homeserver``).
+
+Every route checks ``Authorization: Bearer <hs_token>`` (spec since v1.4,
+MSC2832) in constant time: no credentials -> ``401 M_UNAUTHORIZED``, wrong
+ones -> ``403 M_FORBIDDEN``, and nothing is read or stored. The deprecated
+``access_token`` query parameter is not accepted (Synapse sends the header
+always; the query parameter only in addition, with
+``use_appservice_legacy_authorization``).
+
+The unprefixed legacy paths (``/transactions/{txnId}``, ``/users/...``,
+``/rooms/...``) are not served: the spec's "legacy routes" paragraph is a
+fallback for *homeservers* talking to old appservices, nothing an appservice
+must offer, and Synapse only ever calls ``/_matrix/app/v1/...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from adapters.matrix.config import MatrixConfig
+from adapters.matrix.decode import Decoded, MatrixDecodeError, decode_event
+from gateway.adapter import Inbound, Ingest, IngestResult, Overloaded
+from gateway.ids import PlatformName
+
+log = logging.getLogger("civic.matrix")
+
+APP_PREFIX = "/_matrix/app/v1"
+COMPLETED_TXNS = 4096
+"""How many completed transaction ids are remembered (the homeserver only
+resends its oldest unsent one, so a few would do)."""
+MAX_BODY = 32 * 1024 * 1024
+"""Largest transaction body read (Synapse sends at most 100 events, 100
+ephemeral events and 100 to-device messages per transaction)."""
+
+
+def _error(status: int, errcode: str, message: str, headers: Mapping[str, str] | None = None,
+           **extra: Any) -> web.Response:
+    return web.Response(body=orjson.dumps({"errcode": errcode, "error": message, **extra}), status=status,
+                        content_type="application/json", headers=headers)
+
+
+def _ok() -> web.Response:
+    return web.Response(body=b"{}", status=200, content_type="application/json")
+
+
+class AppserviceInbound:
+    """The homeserver -> gateway half of one ``kind = "matrix"`` platform.
+
+    ``ingest`` is ``AdapterContext.ingest``; ``prefix`` the path the routes
+    live under (by default the path of ``config.appservice_url``, e.g.
+    ``/v1/platforms/hub``: set it when a reverse proxy rewrites paths)."""
+
+    def __init__(self, ingest: Ingest, config: MatrixConfig, platform: str, *, prefix: str | None = None,
+                 completed_max: int = COMPLETED_TXNS) -> None:
+        self.ingest = ingest
+        self.config = config
+        self.platform = PlatformName(platform)
+        self.prefix = (urlsplit(config.appservice_url).path if prefix is None else prefix).rstrip("/")
+        self.bot_user = f"@{config.bot_localpart}:{config.server_name}"
+        self._hs_token = config.hs_token.encode()
+        self._completed: OrderedDict[str, None] = OrderedDict()
+        self._completed_max = completed_max
+        # counters (for logs, metrics and tests)
+        self.transactions = 0
+        """Transactions stored and answered 200 (replays not counted)."""
+        self.replays = 0
+        self.decode_errors = 0
+        self.ignored: dict[str, int] = {}
+        self.overloaded = 0
+        self.pings: list[str | None] = []
+        """``transaction_id`` of each ping the homeserver sent (the last 100)."""
+
+    # -- routes ---------------------------------------------------------------------------------
+    def routes(self) -> list[web.RouteDef]:
+        base = self.prefix + APP_PREFIX
+        return [
+            web.put(base + "/transactions/{txnId}", self.handle_transaction),
+            web.get(base + "/users/{userId}", self.handle_query_user),
+            web.get(base + "/rooms/{roomAlias}", self.handle_query_room),
+            web.post(base + "/ping", self.handle_ping),
+        ]
+
+    def _refuse(self, request: web.Request) -> web.Response | None:
+        """``None`` when the request carries our ``hs_token``, else the error answer."""
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return _error(401, "M_UNAUTHORIZED", "missing hs_token (Authorization: Bearer ...)")
+        if not hmac.compare_digest(token.encode(), self._hs_token):
+            log.warning("%s: a request to %s with a wrong hs_token", self.platform, request.path)
+            return _error(403, "M_FORBIDDEN", "wrong hs_token")
+        return None
+
+    async def handle_transaction(self, request: web.Request) -> web.Response:
+        refused = self._refuse(request)
+        if refused is not None:
+            return refused
+        txn_id = request.match_info["txnId"]
+        if txn_id in self._completed:
+            self._completed.move_to_end(txn_id)
+            self.replays += 1
+            return _ok()
+        try:
+            body = await self._read_json(request)
+        except _BadRequest as exc:
+            return _error(exc.status, exc.errcode, str(exc))
+        events = body.get("events") if isinstance(body, dict) else None
+        if not isinstance(events, list):
+            return _error(400, "M_BAD_JSON", "`events`: expected a list")
+        inbound = self.decode_events(events, now=time.time())
+        if inbound:
+            try:
+                await self._store(inbound)
+            except Overloaded as exc:
+                self.overloaded += 1
+                log.info("%s: gateway overloaded (%s); the homeserver will send transaction %s again",
+                         self.platform, exc, txn_id)
+                extra = {"retry_after_ms": exc.retry_after * 1000} if exc.status == 429 else {}
+                return _error(exc.status, "M_LIMIT_EXCEEDED" if exc.status == 429 else "M_UNKNOWN", str(exc),
+                              headers={"Retry-After": str(exc.retry_after)}, **extra)
+        self._complete(txn_id)
+        self.transactions += 1
+        return _ok()
+
+    async def handle_query_user(self, request: web.Request) -> web.Response:
+        refused = self._refuse(request)
+        if refused is not None:
+            return refused
+        return _error(404, "M_NOT_FOUND", "the gateway creates its users itself, when it needs them")
+
+    async def handle_query_room(self, request: web.Request) -> web.Response:
+        refused = self._refuse(request)
+        if refused is not None:
+            return refused
+        return _error(404, "M_NOT_FOUND", "the gateway provisions no rooms by alias")
+
+    async def handle_ping(self, request: web.Request) -> web.Response:
+        refused = self._refuse(request)
+        if refused is not None:
+            return refused
+        try:
+            body = await self._read_json(request)
+        except _BadRequest:
+            body = None  # the ping's body is informational only
+        txn = body.get("transaction_id") if isinstance(body, dict) else None
+        self.pings.append(txn if isinstance(txn, str) else None)
+        del self.pings[:-100]
+        return _ok()
+
+    # -- the work -------------------------------------------------------------------------------
+    def decode_events(self, events: Sequence[Any], *, now: float) -> list[Inbound]:
+        """The ``Inbound`` records of one transaction's events; bad ones logged
+        and counted, ignored ones counted by reason."""
+        out: list[Inbound] = []
+        config = self.config
+        for event in events:
+            try:
+                result = decode_event(event, bot_user=self.bot_user, ghost_prefix=config.ghost_prefix,
+                                      server_name=config.server_name)
+            except MatrixDecodeError as exc:
+                self.decode_errors += 1
+                event_id = event.get("event_id") if isinstance(event, Mapping) else None
+                log.warning("%s: skipped Matrix event %s: %s", self.platform, event_id, exc)
+                continue
+            if isinstance(result, Decoded):
+                out.extend(result.to_inbound(self.platform, now=now))
+            else:
+                self.ignored[result.reason] = self.ignored.get(result.reason, 0) + 1
+        return out
+
+    async def _store(self, inbound: list[Inbound]) -> IngestResult:
+        # Shielded: a homeserver that hangs up mid-ingest must not cancel a
+        # store between its commit and its hand-over to delivery.
+        attempt = asyncio.ensure_future(self.ingest(inbound))
+        attempt.add_done_callback(_observe)
+        return await asyncio.shield(attempt)
+
+    def _complete(self, txn_id: str) -> None:
+        self._completed[txn_id] = None
+        while len(self._completed) > self._completed_max:
+            self._completed.popitem(last=False)
+
+    async def _read_json(self, request: web.Request) -> Any:
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            raise _BadRequest(413, "M_TOO_LARGE", f"body is larger than {MAX_BODY} bytes")
+        chunks, size = [], 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise _BadRequest(413, "M_TOO_LARGE", f"body is larger than {MAX_BODY} bytes")
+            chunks.append(chunk)
+        try:
+            return orjson.loads(b"".join(chunks))
+        except orjson.JSONDecodeError:
+            raise _BadRequest(400, "M_NOT_JSON", "the body is not JSON") from None
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, errcode: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.errcode = errcode
+
+
+def _observe(task: asyncio.Future[IngestResult]) -> None:
+    """Retrieve the outcome of an ingest nobody awaits any more."""
+    if not task.cancelled():
+        task.exception()
+
+
+# -- the client side: ask the homeserver to ping us ------------------------------------------------
+class PingError(RuntimeError):
+    """The homeserver could not reach the gateway (or refused our ``as_token``).
+
+    ``status`` and ``errcode`` are the homeserver's answer (``status`` 0 when
+    the homeserver itself was unreachable), e.g. 502 ``M_BAD_STATUS`` when our
+    route answered an error, 502 ``M_CONNECTION_FAILED``, 504
+    ``M_CONNECTION_TIMEOUT``, 400 ``M_URL_NOT_SET``, 403 ``M_FORBIDDEN``."""
+
+    def __init__(self, status: int, errcode: str | None, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.errcode = errcode
+
+
+async def ping_homeserver(session: aiohttp.ClientSession, config: MatrixConfig, *,
+                          transaction_id: str | None = None, timeout: float = 30.0) -> float:
+    """``POST /_matrix/client/v1/appservice/{id}/ping`` with the ``as_token``:
+    the homeserver calls our ``/ping`` route and answers with the round trip,
+    returned here in seconds. It also makes the homeserver retry at once the
+    transactions it holds for us (Synapse), so call it at start-up.
+
+    Raises ``PingError`` saying what went wrong."""
+    url = f"{config.homeserver}/_matrix/client/v1/appservice/{quote(config.id, safe='')}/ping"
+    body = {"transaction_id": transaction_id} if transaction_id is not None else {}
+    try:
+        async with session.post(url, json=body, headers={"Authorization": f"Bearer {config.as_token}"},
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            raw = await resp.read()
+            status = resp.status
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise PingError(0, None, f"homeserver {config.homeserver} unreachable: {type(exc).__name__}: {exc}") from exc
+    try:
+        answer = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError:
+        answer = {}
+    answer = answer if isinstance(answer, dict) else {}
+    if status != 200:
+        errcode = answer.get("errcode") if isinstance(answer.get("errcode"), str) else None
+        detail = answer.get("error") or raw[:200].decode(errors="replace")
+        if errcode == "M_BAD_STATUS":
+            detail = f"{detail} (our route answered HTTP {answer.get('status')}: {answer.get('body')})"
+        raise PingError(status, errcode, f"ping of appservice {config.id!r} via {config.homeserver} failed: "
+                                         f"HTTP {status} {errcode or ''} {detail}".rstrip())
+    duration = answer.get("duration_ms")
+    if not isinstance(duration, (int, float)) or isinstance(duration, bool):
+        raise PingError(status, None, f"the homeserver's ping answer has no duration_ms: {answer!r}")
+    return float(duration) / 1000.0
