@@ -46,6 +46,11 @@ def broker(path: Path, **kw: Any) -> Mosquitto:
     return Mosquitto(path, **kw)
 
 
+async def connected(adapter: Any) -> None:
+    """Both of the adapter's connections are up: the consumer of ``in`` and the publisher."""
+    await asyncio.wait_for(asyncio.gather(adapter.connection.connected.wait(), adapter.publisher.connected.wait()), 10)
+
+
 def cloudevent(event_id: str, text: str = "hello", group: str = "g-m", **data: Any) -> dict[str, Any]:
     return {"specversion": "1.0", "id": event_id, "source": "https://m.example", "type": "civic.message.created",
             "subject": group, "data": {"id": f"post-{event_id}", "author": {"id": "user-1", "name": "Anja"},
@@ -157,14 +162,14 @@ class Env:
     text: str
 
 
-async def start_gateway(text: str, *, connected: bool = True) -> Gateway:
-    """A gateway in-process; with ``connected``, once its MQTT adapters have subscribed
+async def start_gateway(text: str, *, wait_connected: bool = True) -> Gateway:
+    """A gateway in-process; with ``wait_connected``, once its MQTT adapters have subscribed
     (before that, the broker drops what a site publishes: PUBACK 0x10, nobody listens)."""
     gw = Gateway(parse(text, "test.toml"))
     await gw.start()
     for adapter in gw.adapters.values():
-        if connected and isinstance(adapter, MqttAdapter):
-            await asyncio.wait_for(adapter.connection.connected.wait(), 10)
+        if wait_connected and isinstance(adapter, MqttAdapter):
+            await connected(adapter)
     return gw
 
 
@@ -344,7 +349,7 @@ async def test_a_message_published_while_the_gateway_is_stopped_is_taken_after_i
     assert await env.m.publish(cloudevent("m-while-down", "are you there?")) == 0
     await asyncio.sleep(0.2)
     assert not env.w.events
-    env.gw = await start_gateway(env.text, connected=False)
+    env.gw = await start_gateway(env.text, wait_connected=False)
     await wait_for(lambda: env.w.events, what="the post published while the gateway was down")
     assert env.w.events[0].event["data"]["text"] == "are you there?"
 
@@ -370,7 +375,7 @@ async def test_nothing_is_acknowledged_before_ingest_returns(tmp_path: Path) -> 
 
         first = bare_adapter(mosq, stuck)
         await first.start()
-        await asyncio.wait_for(first.connection.connected.wait(), 10)
+        await connected(first)
         await site.publish(cloudevent("m-1"))
         await wait_for(lambda: calls, what="the first ingest")
         await first.stop()  # gone before the events were stored
@@ -390,7 +395,7 @@ async def test_nothing_is_acknowledged_before_ingest_returns(tmp_path: Path) -> 
 
         third = bare_adapter(mosq, ingest)  # acknowledged by the second: not sent again
         await third.start()
-        await asyncio.wait_for(third.connection.connected.wait(), 10)
+        await connected(third)
         await asyncio.sleep(0.3)
         await third.stop()
         assert [e.event_id for e in stored] == ["m-1"]
@@ -411,7 +416,7 @@ async def test_overloaded_ingest_is_tried_again_with_the_same_events(tmp_path: P
 
         adapter = bare_adapter(mosq, busy_once)
         await adapter.start()
-        await asyncio.wait_for(adapter.connection.connected.wait(), 10)
+        await connected(adapter)
         await site.publish(cloudevent("m-1"))
         await wait_for(lambda: len(calls) == 2, what="a second attempt")
         assert calls[0][1] == calls[1][1] == ["m-1"]
@@ -422,7 +427,7 @@ async def test_overloaded_ingest_is_tried_again_with_the_same_events(tmp_path: P
         await adapter.stop()
         again = bare_adapter(mosq, busy_once)
         await again.start()
-        await asyncio.wait_for(again.connection.connected.wait(), 10)
+        await connected(again)
         await asyncio.sleep(0.3)
         await again.stop()
         assert len(calls) == 2  # acknowledged after the second attempt
@@ -444,7 +449,7 @@ async def test_deliver_publishes_a_batch_and_waits_for_every_puback(tmp_path: Pa
         adapter = bare_adapter(mosq, stored_ok, ack_timeout=0.5, batch_max=50)
         assert adapter.capabilities.batch_max == 50
         await adapter.start()
-        await asyncio.wait_for(adapter.connection.connected.wait(), 10)
+        await connected(adapter)
         try:
             with pytest.raises(TransientDeliveryError, match="no subscriber"):  # the broker would drop it
                 await adapter.deliver(deliveries(1))
@@ -479,7 +484,7 @@ async def test_batch_mode_publishes_a_delivery_as_one_message_within_the_brokers
         await site.start()
         adapter = bare_adapter(mosq, stored_ok, content_mode="batch", batch_max=200)
         await adapter.start()
-        await asyncio.wait_for(adapter.connection.connected.wait(), 10)
+        await connected(adapter)
         try:
             assert adapter.connection.client is not None and adapter.connection.client.max_packet_size == 20000
             assert await adapter.deliver(deliveries(30)) == DeliveryResult()
@@ -622,7 +627,7 @@ def test_packed_properties_are_packed_like_paho_packs_them() -> None:
 
 async def test_the_adapter_reconnects_after_a_broker_restart_and_loses_nothing(env: Env) -> None:
     adapter = adapter_of(env.gw)
-    await asyncio.wait_for(adapter.connection.connected.wait(), 10)
+    await connected(adapter)
     for i in range(10):
         await env.m.publish(cloudevent(f"m-a{i}", f"before {i}"))
     restart = asyncio.get_running_loop().run_in_executor(None, env.mosq.restart, 0.5)
