@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
 
 import msgspec
 
 from gateway.adapter import Inbound
 from gateway.errors import DecodeError
 from gateway.ids import EventId, GroupId, PlatformName
-from schemas.cloudevents import BATCH_CONTENT_TYPE, CONTENT_TYPE, CloudEventBase, batch_decoder, event_type, single_decoder
+from schemas.cloudevents import (
+    BATCH_CONTENT_TYPE,
+    CONTENT_TYPE,
+    CloudEventBase,
+    batch_decoder,
+    event_type,
+    parse_time,
+    single_decoder,
+)
 
 _AT = re.compile(r"^(.*) - at `\$(\[(\d+)\])?(.*)`$")
 
@@ -46,15 +53,6 @@ def decode_body(content_type: str, body: bytes) -> list[CloudEventBase]:
         raise DecodeError(f"malformed JSON: {exc}") from None
     except RecursionError:  # msgspec refuses nesting deeper than the interpreter's limit
         raise DecodeError("malformed JSON: nested too deeply") from None
-
-
-def parse_time(value: str | None, default: float) -> float:
-    if not value:
-        return default
-    try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        return default
 
 
 def to_inbound(platform: PlatformName, event: CloudEventBase, now: float) -> Inbound:
