@@ -14,18 +14,22 @@ the native ids it created (or raises a ``DeliveryError``).
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable, Sequence
+import bisect
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import msgspec
 from msgspec import Struct
 
 from gateway.ids import EventId, GroupId, NativeId, PlatformName
+from gateway.store.base import check_state_key
 
 if TYPE_CHECKING:
     from aiohttp import web
 
     from gateway.metrics import Metrics
+    from gateway.store.base import Store
 
 
 class Capabilities(Struct, frozen=True, kw_only=True):
@@ -100,6 +104,96 @@ class Overloaded(Exception):
         self.retry_after = retry_after
 
 
+class BanRule(Struct, frozen=True):
+    """A person or a server whose events no platform may bring in, as an
+    adapter imported it (e.g. from a Matrix policy list room). The gateway
+    drops every event whose acting person matches, whichever platform it
+    enters from (``gateway.policy``)."""
+
+    kind: Literal["user", "server"]
+    """user: ``glob`` matches the person's whole native id; server: it matches
+    the server part of the id (``gateway.policy.server_of``)."""
+    glob: str
+    """``*`` any run of characters, ``?`` one character; everything else is
+    literal, case-sensitive; the whole string must match."""
+    reason: str | None = None
+    source: str = ""
+    """Where the rule came from (a policy room, a file), for logs and operators."""
+
+
+class AdapterState(abc.ABC):
+    """A platform adapter's own durable key-value space (sync tokens, snapshots
+    of policy lists, ids it has seen): kept across restarts and shared by the
+    nodes of a cluster. Keys are text (at most 512 characters, no NUL); values
+    are bytes (encode them yourself, e.g. with msgspec)."""
+
+    @abc.abstractmethod
+    async def get(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """The values of those of ``keys`` that are set (missing ones are left out)."""
+
+    async def get_one(self, key: str) -> bytes | None:
+        return (await self.get([key])).get(key)
+
+    @abc.abstractmethod
+    async def put(self, items: Mapping[str, bytes | None]) -> None:
+        """Set each key (None deletes it), all or nothing."""
+
+    @abc.abstractmethod
+    async def scan(self, prefix: str, limit: int = 1000) -> list[tuple[str, bytes]]:
+        """(key, value) of the first ``limit`` keys starting with ``prefix``, in key (code point) order."""
+
+
+class MemoryState(AdapterState):
+    """``AdapterState`` in memory, gone at exit: for unit tests and adapters
+    built without a gateway. Checks keys as the store does, so a test catches
+    a key the store would refuse."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, bytes] = {}
+        self._keys: list[str] = []  # sorted, for scans
+
+    async def get(self, keys: Sequence[str]) -> dict[str, bytes]:
+        return {k: self._values[k] for k in keys if check_state_key(k) in self._values}
+
+    async def put(self, items: Mapping[str, bytes | None]) -> None:
+        for k in items:
+            check_state_key(k)
+        for k, v in items.items():
+            if v is None:
+                if self._values.pop(k, None) is not None:
+                    del self._keys[bisect.bisect_left(self._keys, k)]
+            else:
+                if k not in self._values:
+                    bisect.insort(self._keys, k)
+                self._values[k] = bytes(v)
+
+    async def scan(self, prefix: str, limit: int = 1000) -> list[tuple[str, bytes]]:
+        out: list[tuple[str, bytes]] = []
+        for k in self._keys[bisect.bisect_left(self._keys, check_state_key(prefix)):]:
+            if len(out) >= limit or not k.startswith(prefix):
+                break
+            out.append((k, self._values[k]))
+        return out
+
+
+class StoreState(AdapterState):
+    """``AdapterState`` in the gateway's store (``adapter_state``), scoped to one platform."""
+
+    def __init__(self, store: "Store", platform: str, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.platform = platform
+        self.clock = clock
+
+    async def get(self, keys: Sequence[str]) -> dict[str, bytes]:
+        return await self.store.state_get(self.platform, keys)
+
+    async def put(self, items: Mapping[str, bytes | None]) -> None:
+        await self.store.state_put(self.platform, items, self.clock())
+
+    async def scan(self, prefix: str, limit: int = 1000) -> list[tuple[str, bytes]]:
+        return await self.store.state_scan(self.platform, prefix, limit)
+
+
 class AdapterContext(Struct, kw_only=True):
     """What the core hands an adapter when it creates it."""
 
@@ -117,6 +211,14 @@ class AdapterContext(Struct, kw_only=True):
     out the target groups; alone, always True). For example one consumer of a
     feed whose order matters. Ask again now and then: it changes when nodes
     come and go."""
+    state: AdapterState = msgspec.field(default_factory=MemoryState)
+    """The adapter's durable key-value space (the gateway gives each platform
+    its own in the store; the default, in memory, is for tests)."""
+    set_ban_rules: Callable[[Sequence[BanRule]], None] = lambda rules: None
+    """Replace ALL the ban rules this platform contributes with ``rules`` (an
+    empty sequence withdraws them). The gateway applies the rules of every
+    platform to what enters from any platform. Rules live in memory: call
+    again after a restart (keep what is needed to rebuild them in ``state``)."""
 
 
 class Adapter(abc.ABC):

@@ -9,6 +9,7 @@ traffic, lets delivery wind down and closes everything.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import os
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 from aiohttp import web
 
 from gateway import admin, registry
-from gateway.adapter import Adapter, AdapterContext, Inbound, IngestResult, Overloaded
+from gateway.adapter import Adapter, AdapterContext, BanRule, Inbound, IngestResult, Overloaded, StoreState
 from gateway.bus import Bus, LocalBus
 from gateway.cluster import Cluster
 from gateway.config import Config, validate_adapters
@@ -28,6 +29,7 @@ from gateway.delivery import DeliveryEngine
 from gateway.ids import PlatformName
 from gateway.metrics import Metrics
 from gateway.pipeline import ECHO_WINDOW, Pipeline
+from gateway.policy import BanRules
 from gateway.router import Router
 from gateway.store import Store, open_store
 from gateway.store.base import OutboxItem
@@ -58,12 +60,16 @@ class Gateway:
         self.node = self.settings.node or f"{socket.gethostname()}-{split_listen(self.settings.listen)[1]}"
         self.cluster: Cluster | None = None  # set below when the store is shared
         self.adapters: dict[PlatformName, Adapter] = {}
+        self.pipeline: Pipeline | None = None
+        self._ban_rules: dict[PlatformName, tuple[BanRule, ...]] = {}
+        self._ban_matcher: BanRules | None = None
         for name, pc in config.platforms.items():
             cls = find_adapter(pc.kind)
             self.adapters[name] = cls(AdapterContext(name=name, config=pc.adapter_config, ingest=self.ingest,
                                                      metrics=self.metrics, gateway_source=self.settings.source,
-                                                     node=self.node, leads=self._leads))
-        self.pipeline: Pipeline | None = None
+                                                     node=self.node, leads=self._leads,
+                                                     state=StoreState(self.store, name),
+                                                     set_ban_rules=functools.partial(self.set_ban_rules, name)))
         self.delivery = DeliveryEngine(self.store, self.adapters, self.metrics, self.tasks,
                                        retry_max_delay=self.settings.retry_max_delay,
                                        retry_max_age=self.settings.retry_max_age)
@@ -141,6 +147,7 @@ class Gateway:
         bans = await self.store.bans()
         self.pipeline = Pipeline(self.router, {n: a.capabilities for n, a in self.adapters.items()},
                                  bytes.fromhex(key), bans, await self.store.withdrawn())
+        self.pipeline.set_ban_rules(self._ban_matcher)  # what adapters set before there was a pipeline
         self.store.on_retry = self.pipeline.invalidate
         self.metrics.dead_letters.set(await self.store.dead_letter_count())
         await self._refresh_depth()
@@ -172,6 +179,23 @@ class Gateway:
         self._outbox_depth = sum(counts.values())
         for name in self.adapters:
             self.metrics.queue_depth.labels(name).set(counts.get(name, 0))
+
+    def set_ban_rules(self, platform: PlatformName, rules: Sequence[BanRule]) -> None:
+        """Replace all the ban rules ``platform`` contributes (what its adapter's
+        ``ctx.set_ban_rules`` calls). The rules of every platform together apply
+        to what enters from any platform, from the next event on."""
+        rules = tuple(rules)
+        matcher = BanRules(r for rs in {**self._ban_rules, platform: rules}.values() for r in rs)  # checks kinds
+        if rules:
+            self._ban_rules[platform] = rules
+        else:
+            self._ban_rules.pop(platform, None)
+        self._ban_matcher = matcher if matcher else None
+        if self.pipeline is not None:
+            self.pipeline.set_ban_rules(self._ban_matcher)
+        self.metrics.ban_rules.labels(platform).set(len(rules))
+        log.info("platform %s now contributes %d ban rules (%d in all)", platform, len(rules), len(matcher),
+                 extra={"platform": platform, "ban_rules": len(rules)})
 
     def _leads(self, key: str) -> bool:
         return self.cluster is None or self.cluster.leads(key)

@@ -39,6 +39,8 @@ class Metrics:
                                       "Partitions of target groups this node delivers now (cluster).", registry=r)
         self.cluster_nodes = Gauge("civic_cluster_nodes", "Live nodes this node sees in the cluster.", registry=r)
         self.bus_connected = Gauge("civic_bus_connected", "1 while the cluster bus is connected.", registry=r)
+        self.ban_rules = Gauge("civic_ban_rules", "Ban rules each platform contributes now (e.g. from policy lists).",
+                               ["platform"], registry=r)
         self.overloaded = Counter("civic_overload_refusals", "Inbound requests refused with 429/503.",
                                   ["platform", "status"], registry=r)
 

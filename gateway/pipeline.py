@@ -2,7 +2,8 @@
 
 ``prepare`` (pure, on the event loop): sanitise rich text and control
 characters. ``apply`` (inside a store transaction, so all of it commits or
-none): deduplicate by the platform's event id, guard against loops, translate
+none): deduplicate by the platform's event id, guard against loops, drop what
+people named by the adapters' ban rules do (``gateway.policy``), translate
 native ids to canonical ones, apply moderation enforcement, route over links,
 translate for each target (ids, identity level, degradations) and append to
 each target group's outbox, then update memberships, bans and the public
@@ -24,6 +25,7 @@ from gateway import ids
 from gateway.adapter import Capabilities, Inbound
 from gateway.ids import ACTOR, MESSAGE, CanonicalId, EventId, GroupRef, LinkName, PlatformName
 from gateway.people import People
+from gateway.policy import BanRules
 from gateway.router import Route, Router
 from gateway.sanitize import clean_html, clean_text
 from gateway.store.base import ModerationEntry, OutboxItem, Tx, encode_payload
@@ -79,6 +81,9 @@ class Pipeline:
         self.bans = bans
         self.withdrawn = withdrawn if withdrawn is not None else set()
         self.clock = clock
+        self.ban_rules: BanRules | None = None
+        """Ban rules the adapters imported (``set_ban_rules``); None when there
+        are none, so that ``apply`` pays one comparison for them."""
         self.people = People(ghost_key)
         # Fingerprints of what was just sent to each group, so that a site which
         # sends an event straight back (its hooks fire for what the gateway
@@ -90,6 +95,10 @@ class Pipeline:
         self._sent_since = clock()
         self._handlers: dict[str, Callable[..., Outcome]] = {
             t: getattr(self, "_in_" + t.removeprefix("civic.").replace(".", "_")) for t in EVENT_TYPES}
+
+    def set_ban_rules(self, rules: BanRules | None) -> None:
+        """Apply these ban rules to every event from now on (None or empty: none)."""
+        self.ban_rules = rules if rules else None
 
     def invalidate(self) -> None:
         """Forget the caches (after a transaction failed to commit)."""
@@ -126,6 +135,9 @@ class Pipeline:
         acting = _acting_actor(p)
         acting_c: CanonicalId | None = None
         if acting is not None:
+            rules = self.ban_rules  # read once: the gateway may swap it from another thread
+            if rules is not None and rules.match(acting.id) is not None:
+                return Outcome("dropped", "policy_ban")  # before the person is given an id
             acting_c, how, _ = self.people.resolve(tx, source, acting)
             if how != ids.ORIGIN:
                 return Outcome("dropped", "echo")

@@ -503,6 +503,26 @@ def test_ghost_localparts_are_valid_and_distinct(stand_in: str) -> None:
     assert E.ghost_localpart("civic_", other) != local
 
 
+@given(st.text(min_size=1, max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_a_ghost_user_id_gives_back_its_stand_in(stand_in: str) -> None:
+    local = E.ghost_localpart("civic_", stand_in)
+    user = f"@{local}:hub.example"
+    if len(E.ghost_localpart("civic_", stand_in, max_length=10**6)) <= E.MAX_LOCALPART:  # not shortened
+        assert E.stand_in_of("civic_", user, "hub.example") == stand_in
+    else:
+        assert E.stand_in_of("civic_", user, "hub.example") is None
+
+
+def test_stand_in_of_refuses_what_no_ghost_is() -> None:
+    assert E.stand_in_of("civic_", "@alice:hub.example", "hub.example") is None
+    assert E.stand_in_of("civic_", "@civic_cga_1:other.example", "hub.example") is None
+    assert E.stand_in_of("civic_", "@civic_a=zz:hub.example", "hub.example") is None  # not hex
+    assert E.stand_in_of("civic_", "@civic_a_1:hub.example", "hub.example") is None  # _ before a digit
+    assert E.stand_in_of("civic_", f"@{E.ghost_localpart('civic_', 'x' * 500)}:hub.example", "hub.example") is None
+    assert E.stand_in_of("civic_", "@civic_cga__01ab:hub.example", "hub.example") == "cga_01ab"
+
+
 # -- round trip ---------------------------------------------------------------------------------
 
 def roundtrip(msg: Message, **kw: Any) -> Message:

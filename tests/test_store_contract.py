@@ -625,3 +625,60 @@ async def test_sent_fingerprints_are_remembered_for_a_window_and_pruned(store: S
     assert await store.prune_fingerprints(1200.0) == 1
     assert await store.transact(lambda tx: tx.sent_since(a, 0.0)) is False
     assert await store.transact(lambda tx: tx.sent_since(b, 0.0)) is True
+
+
+# -- adapter state ------------------------------------------------------------------------------
+
+async def test_adapter_state_put_get_overwrite_delete(store: Store, reopen: Any) -> None:
+    assert await store.state_get("mx", ["a", "b"]) == {}
+    await store.state_put("mx", {"a": b"1", "b": b"two", "c": b""}, 10.0)
+    assert await store.state_get("mx", ["a", "b", "c", "missing"]) == {"a": b"1", "b": b"two", "c": b""}
+    await store.state_put("mx", {"a": b"one", "b": None, "never-set": None}, 11.0)  # deleting nothing: no error
+    assert await store.state_get("mx", ["a", "b", "c"]) == {"a": b"one", "c": b""}
+    assert await store.state_get("mx", []) == {}
+    await store.state_put("mx", {}, 12.0)
+    s2 = await reopen(store)
+    assert await s2.state_get("mx", ["a", "b", "c"]) == {"a": b"one", "c": b""}, "durable"
+
+
+async def test_adapter_state_platforms_are_separate(store: Store) -> None:
+    await store.state_put("mx", {"token": b"m"}, 1.0)
+    await store.state_put("ap", {"token": b"a"}, 1.0)
+    assert await store.state_get("mx", ["token"]) == {"token": b"m"}
+    assert await store.state_get("ap", ["token"]) == {"token": b"a"}
+    await store.state_put("ap", {"token": None}, 2.0)
+    assert await store.state_get("ap", ["token"]) == {}
+    assert await store.state_get("mx", ["token"]) == {"token": b"m"}
+    assert await store.state_scan("other", "") == []
+
+
+async def test_adapter_state_scan_by_prefix_in_key_order(store: Store) -> None:
+    keys = ["room/b", "room/a", "room/a/x", "room0", "roo", "room/\u00e9", "room/Z", "room/\U0001f600", "zz"]
+    await store.state_put("mx", {k: k.encode() for k in keys}, 1.0)
+    await store.state_put("ap", {"room/c": b"elsewhere"}, 1.0)
+    want = sorted(k for k in keys if k.startswith("room/"))  # code point order: "Z" < "a" < "é" < emoji
+    assert want == ["room/Z", "room/a", "room/a/x", "room/b", "room/\u00e9", "room/\U0001f600"]
+    assert await store.state_scan("mx", "room/") == [(k, k.encode()) for k in want]
+    assert await store.state_scan("mx", "room/", limit=2) == [("room/Z", b"room/Z"), ("room/a", b"room/a")]
+    assert [k for k, _ in await store.state_scan("mx", "")] == sorted(keys)
+    assert await store.state_scan("mx", "room/a/") == [("room/a/x", b"room/a/x")]
+    assert await store.state_scan("mx", "nothing") == []
+    assert [k for k, _ in await store.state_scan("mx", "room")] == sorted(k for k in keys if k.startswith("room"))
+    top = "\U0010ffff"  # a prefix ending in the highest code point has no upper bound of the same length
+    await store.state_put("mx", {"x" + top: b"1", "x" + top + "y": b"2", "y": b"3"}, 1.0)
+    assert [k for k, _ in await store.state_scan("mx", "x" + top)] == ["x" + top, "x" + top + "y"]
+
+
+async def test_adapter_state_bytes_round_trip_and_key_limits(store: Store) -> None:
+    values = {"nul": b"\x00", "mixed": b"a\x00b\xff\xfe\x00", "big": bytes(range(256)) * 64}
+    await store.state_put("mx", values, 1.0)
+    got = await store.state_get("mx", list(values))
+    assert got == values and all(type(v) is bytes for v in got.values())
+    assert dict(await store.state_scan("mx", "")) == values
+    longest = "k" * 512
+    await store.state_put("mx", {longest: b"ok"}, 1.0)
+    assert await store.state_get("mx", [longest]) == {longest: b"ok"}
+    with pytest.raises(ValueError, match="512"):
+        await store.state_put("mx", {"k" * 513: b"too long"}, 1.0)
+    with pytest.raises(ValueError, match="NUL"):
+        await store.state_put("mx", {"a\x00b": b"x"}, 1.0)

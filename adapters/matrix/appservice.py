@@ -87,8 +87,9 @@ class AppserviceInbound:
     ``/v1/platforms/hub``: set it when a reverse proxy rewrites paths)."""
 
     def __init__(self, ingest: Ingest, config: MatrixConfig, platform: str, *, prefix: str | None = None,
-                 completed_max: int = COMPLETED_TXNS) -> None:
+                 completed_max: int = COMPLETED_TXNS, hooks: "InboundHooks | None" = None) -> None:
         self.ingest = ingest
+        self.hooks = hooks
         self.config = config
         self.platform = PlatformName(platform)
         self.prefix = (urlsplit(config.appservice_url).path if prefix is None else prefix).rstrip("/")
@@ -96,6 +97,8 @@ class AppserviceInbound:
         self._hs_token = config.hs_token.encode()
         self._completed: OrderedDict[str, None] = OrderedDict()
         self._completed_max = completed_max
+        self._last_number: int | None = None
+        self._gap_refused: str | None = None
         # counters (for logs, metrics and tests)
         self.transactions = 0
         """Transactions stored and answered 200 (replays not counted)."""
@@ -103,6 +106,8 @@ class AppserviceInbound:
         self.decode_errors = 0
         self.ignored: dict[str, int] = {}
         self.overloaded = 0
+        self.gaps = 0
+        """Transactions refused once because an older one had not come (see ``_skips_one``)."""
         self.pings: list[str | None] = []
         """``transaction_id`` of each ping the homeserver sent (the last 100)."""
 
@@ -137,6 +142,14 @@ class AppserviceInbound:
             self._completed.move_to_end(txn_id)
             self.replays += 1
             return _ok()
+        if self._skips_one(txn_id):
+            self.gaps += 1
+            log.warning("%s: transaction %s came before %s; asking the homeserver to send the older one first",
+                        self.platform, txn_id, self._last_number + 1 if self._last_number is not None else "?")
+            if self.hooks is not None:
+                self.hooks.gap()
+            return _error(503, "M_UNKNOWN", "an older transaction is missing: send it first",
+                          headers={"Retry-After": "1"})
         try:
             body = await self._read_json(request)
         except _BadRequest as exc:
@@ -144,7 +157,12 @@ class AppserviceInbound:
         events = body.get("events") if isinstance(body, dict) else None
         if not isinstance(events, list):
             return _error(400, "M_BAD_JSON", "`events`: expected a list")
-        inbound = self.decode_events(events, now=time.time())
+        contexts: Mapping[str, Mapping[str, Any]] = {}
+        if self.hooks is not None:
+            contexts = await self.hooks.context(events)
+        inbound = self.decode_events(events, now=time.time(), contexts=contexts)
+        if self.hooks is not None:
+            inbound = await self.hooks.prepare(events, inbound)
         if inbound:
             try:
                 await self._store(inbound)
@@ -185,15 +203,18 @@ class AppserviceInbound:
         return _ok()
 
     # -- the work -------------------------------------------------------------------------------
-    def decode_events(self, events: Sequence[Any], *, now: float) -> list[Inbound]:
+    def decode_events(self, events: Sequence[Any], *, now: float,
+                      contexts: Mapping[str, Mapping[str, Any]] | None = None) -> list[Inbound]:
         """The ``Inbound`` records of one transaction's events; bad ones logged
-        and counted, ignored ones counted by reason."""
+        and counted, ignored ones counted by reason. ``contexts``: extra
+        ``decode_event`` arguments by event id (``redacted``, ``prev_power_levels``)."""
         out: list[Inbound] = []
         config = self.config
         for event in events:
+            extra = contexts.get(event.get("event_id"), {}) if contexts and isinstance(event, Mapping) else {}
             try:
                 result = decode_event(event, bot_user=self.bot_user, ghost_prefix=config.ghost_prefix,
-                                      server_name=config.server_name)
+                                      server_name=config.server_name, **extra)
             except MatrixDecodeError as exc:
                 self.decode_errors += 1
                 event_id = event.get("event_id") if isinstance(event, Mapping) else None
@@ -212,7 +233,29 @@ class AppserviceInbound:
         attempt.add_done_callback(_observe)
         return await asyncio.shield(attempt)
 
+    def _skips_one(self, txn_id: str) -> bool:
+        """Whether ``txn_id`` skips a transaction (refused once per gap).
+
+        Synapse numbers its transactions 1, 2, 3 ... per appservice. When the
+        gateway was unreachable, Synapse 1.163 can strand one: a transaction
+        made while the appservice counts as down, just after its recoverer
+        looked for unsent ones and declared it up again, is not sent until the
+        *next* failure (``_TransactionController.send`` against
+        ``_Recoverer.retry``, synapse/appservice/scheduler.py); its events then
+        arrive late and out of order, or never. Refusing the next transaction
+        once puts Synapse back into recovery, which sends the oldest unsent
+        transaction first. Ids that are not numbers (other homeservers) are
+        taken as they come; a refused id that comes again is taken."""
+        if not txn_id.isdigit() or self._last_number is None or txn_id == self._gap_refused:
+            return False
+        if int(txn_id) > self._last_number + 1:
+            self._gap_refused = txn_id
+            return True
+        return False
+
     def _complete(self, txn_id: str) -> None:
+        if txn_id.isdigit():
+            self._last_number = max(int(txn_id), self._last_number or 0)
         self._completed[txn_id] = None
         while len(self._completed) > self._completed_max:
             self._completed.popitem(last=False)
@@ -230,6 +273,23 @@ class AppserviceInbound:
             return orjson.loads(b"".join(chunks))
         except orjson.JSONDecodeError:
             raise _BadRequest(400, "M_NOT_JSON", "the body is not JSON") from None
+
+
+class InboundHooks:
+    """What the adapter adds around decoding (I/O the pure codec cannot do).
+    The defaults do nothing."""
+
+    async def context(self, events: Sequence[Any]) -> Mapping[str, Mapping[str, Any]]:
+        """Extra ``decode_event`` arguments by event id, e.g. the event a redaction removes."""
+        return {}
+
+    async def prepare(self, events: Sequence[Any], inbound: list[Inbound]) -> list[Inbound]:
+        """Called after decoding and before storing: remember, rewrite or react."""
+        return inbound
+
+    def gap(self) -> None:
+        """A transaction was refused because an older one is missing: e.g. ping
+        the homeserver soon, which makes it retry at once."""
 
 
 class _BadRequest(Exception):

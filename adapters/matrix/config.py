@@ -46,11 +46,30 @@ class MatrixConfig(Struct, forbid_unknown_fields=True, kw_only=True, dict=True):
     ``#<ghost_prefix>*:<server_name>``) exclusively. The spec advises a leading
     ``_`` (e.g. ``_civic_``) so it does not clash with people's own names."""
 
+    policy_room: Annotated[str, Meta(pattern=r"^!\S+$", max_length=255)] | None = None
+    """A policy list room (``!id``) whose ``m.policy.rule.user`` and
+    ``m.policy.rule.server`` rules with ``m.ban`` become ban rules the gateway
+    applies to what enters from any platform. Invite the bot to it."""
+    batch_max: Annotated[int, Meta(ge=1, le=100)] = 20
+    """Events one delivery takes (sent one after another, in order)."""
+    media_max_bytes: Annotated[int, Meta(ge=1024, le=1 << 30)] = 10 * 1024 * 1024
+    """Largest attachment copied into the homeserver's media repository, and
+    largest served from it to other platforms; a larger one travels as a link."""
+    media_url: HttpUrl | None = None
+    """Public base URL of this platform's media links (default: ``appservice_url``).
+    Other platforms fetch a Matrix attachment from ``<media_url>/media/...``,
+    a signed link that the gateway serves from the homeserver."""
+    media_fetch_private: bool = False
+    """Let the gateway fetch attachments from private, loopback and link-local
+    addresses (tests, or sites on the same private network)."""
+
     def __post_init__(self) -> None:
         if self.as_token == self.hs_token:
             raise ValueError("`hs_token`: must differ from as_token (each side proves itself with its own token)")
-        for key in ("homeserver", "appservice_url"):
+        for key in ("homeserver", "appservice_url", "media_url"):
             url = getattr(self, key)
+            if url is None:
+                continue
             parts = urlsplit(url)
             if parts.query or parts.fragment or not parts.hostname:
                 raise ValueError(f"`{key}`: expected a base URL without query or fragment, not {url!r}")

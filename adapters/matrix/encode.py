@@ -210,3 +210,42 @@ def ghost_localpart(prefix: str, stand_in_id: str, *, max_length: int = MAX_LOCA
         digest = hashlib.sha256(stand_in_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
         local = local[:max_length - 17] + "-" + digest
     return local
+
+
+def stand_in_of(prefix: str, user_id: str, server_name: str) -> str | None:
+    """The stand-in id a ghost user id stands for (``ghost_localpart`` undone),
+    or ``None`` when ``user_id`` is no ghost or was shortened with a hash."""
+    head, tail = "@" + prefix, ":" + server_name
+    if not (user_id.startswith(head) and user_id.endswith(tail)):
+        return None
+    local = user_id[len(head):len(user_id) - len(tail)]
+    if len(prefix) + len(local) == MAX_LOCALPART and re.search(r"-[0-9a-f]{16}$", local):
+        return None  # shortened with a hash: not reversible
+    out, raw, i = [], bytearray(), 0
+    try:
+        while i < len(local):
+            c = local[i]
+            if c == "=":
+                raw.append(int(local[i + 1:i + 3], 16))
+                i += 3
+                continue
+            if raw:
+                out.append(raw.decode("utf-8", "surrogatepass"))
+                raw.clear()
+            if c == "_":
+                nxt = local[i + 1]
+                out.append("_" if nxt == "_" else nxt.upper())
+                if nxt != "_" and not "a" <= nxt <= "z":
+                    return None
+                i += 2
+            elif c in _KEEP:
+                out.append(c)
+                i += 1
+            else:
+                return None
+        if raw:
+            out.append(raw.decode("utf-8", "surrogatepass"))
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return None
+    stand_in = "".join(out)
+    return stand_in if stand_in and ghost_localpart(prefix, stand_in) == prefix + local else None

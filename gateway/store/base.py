@@ -10,6 +10,8 @@ function inside a transaction (implementations group-commit concurrent calls).
 from __future__ import annotations
 
 import abc
+import collections.abc
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -86,6 +88,37 @@ class ModerationEntry(Struct, frozen=True):
     category: str | None
     event_id: EventId
     seq: int = 0
+
+
+STATE_KEY_MAX = 512
+"""Longest adapter state key, in characters (an index entry PostgreSQL can always take)."""
+
+
+def check_state_key(key: str) -> str:
+    """``key`` if it can be an adapter state key; ``ValueError`` saying why not.
+    Keys are text up to ``STATE_KEY_MAX`` characters without NUL (which
+    PostgreSQL text cannot hold), the same on every store."""
+    if not isinstance(key, str):
+        raise ValueError(f"adapter state key {key!r}: must be a string")
+    if len(key) > STATE_KEY_MAX:
+        raise ValueError(f"adapter state key {key[:40]!r}...: longer than {STATE_KEY_MAX} characters")
+    if "\x00" in key:
+        raise ValueError(f"adapter state key {key!r}: contains NUL")
+    return key
+
+
+def prefix_end(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (in code
+    point order), so that a prefix scan is the index range ``[prefix, end)``;
+    None when there is none (the empty prefix, or only the highest code points)."""
+    chars = list(prefix)
+    while chars:
+        nxt = ord(chars.pop()) + 1
+        if 0xD800 <= nxt <= 0xDFFF:  # surrogates are no text either store can hold
+            nxt = 0xE000
+        if nxt <= sys.maxunicode:
+            return "".join(chars) + chr(nxt)
+    return None
 
 
 class ClusterView(Struct, frozen=True):
@@ -223,6 +256,21 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def setting(self, key: str, default: Callable[[], str]) -> str:
         """A persistent setting; created from ``default()`` on first use."""
+
+    # -- adapter state: a key-value space per platform ----------------------------------------
+    @abc.abstractmethod
+    async def state_get(self, platform: str, keys: Sequence[str]) -> dict[str, bytes]:
+        """The values of those of ``keys`` that are set (missing keys are left out)."""
+
+    @abc.abstractmethod
+    async def state_put(self, platform: str, items: collections.abc.Mapping[str, bytes | None], now: float) -> None:
+        """Set each key to its value (``updated = now``), or delete it where the
+        value is None; all in one transaction. Keys: see ``check_state_key``."""
+
+    @abc.abstractmethod
+    async def state_scan(self, platform: str, prefix: str, limit: int = 1000) -> list[tuple[str, bytes]]:
+        """(key, value) of the first ``limit`` keys that start with ``prefix``, in
+        key order: by code point, the same on every store."""
 
     @abc.abstractmethod
     async def prune_fingerprints(self, older_than: float) -> int:

@@ -34,6 +34,7 @@ clock, never a node's.
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import hashlib
 import logging
 import queue
@@ -48,7 +49,16 @@ import asyncpg
 import msgspec
 
 from gateway.ids import CanonicalId, EventId, GroupId, GroupRef, LinkName, NativeId, PlatformName
-from gateway.store.base import ClusterView, DeadLetter, Mapping, ModerationEntry, OutboxItem, Store
+from gateway.store.base import (
+    ClusterView,
+    DeadLetter,
+    Mapping,
+    ModerationEntry,
+    OutboxItem,
+    Store,
+    check_state_key,
+    prefix_end,
+)
 from gateway.store.jobs import Job, settle
 
 try:
@@ -439,6 +449,10 @@ _PAGE = (f"SELECT {_OUTBOX_COLS}, tx FROM outbox WHERE platform = $1 AND grp = $
          " AND tx < pg_snapshot_xmin(pg_current_snapshot()) AND (tx, seq) > ($3::xid8, $4::bigint)"
          " ORDER BY tx, seq LIMIT $5")
 
+_STATE_SCAN_TO_END = "SELECT key, value FROM adapter_state WHERE platform = $1 AND key >= $2 ORDER BY key LIMIT $3"
+_STATE_SCAN = ("SELECT key, value FROM adapter_state WHERE platform = $1 AND key >= $2 AND key < $4"
+               " ORDER BY key LIMIT $3")
+
 
 def _setting_lock(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"civic-setting\x00{key}".encode(), digest_size=8).digest(), "big",
@@ -670,6 +684,41 @@ class PostgresStore(Store):
             tx.execute("INSERT INTO settings (key, value) VALUES ($1, $2)", key, value)
             return value
         return await self._submit(run)
+
+    async def state_get(self, platform: str, keys: Sequence[str]) -> dict[str, bytes]:
+        wanted = list(dict.fromkeys(check_state_key(k) for k in keys))
+        if not wanted:
+            return {}
+        rows = await self._submit(lambda tx: tx.fetch(
+            "SELECT key, value FROM adapter_state WHERE platform = $1 AND key = ANY($2::text[])", platform, wanted))
+        return {r[0]: bytes(r[1]) for r in rows}
+
+    async def state_put(self, platform: str, items: collections.abc.Mapping[str, bytes | None], now: float) -> None:
+        # Sorted: two nodes writing the same keys lock them in one order (no deadlock).
+        sets = sorted((platform, check_state_key(k), bytes(v), now) for k, v in items.items() if v is not None)
+        deletes = sorted(check_state_key(k) for k, v in items.items() if v is None)
+
+        def run(tx: PgTx) -> None:
+            if sets:
+                tx.executemany("INSERT INTO adapter_state (platform, key, value, updated) VALUES ($1, $2, $3, $4)"
+                               " ON CONFLICT (platform, key) DO UPDATE SET value = EXCLUDED.value,"
+                               " updated = EXCLUDED.updated", sets)
+            if deletes:
+                tx.execute("DELETE FROM adapter_state WHERE platform = $1 AND key = ANY($2::text[])",
+                           platform, deletes)
+        if sets or deletes:
+            await self._submit(run)
+
+    async def state_scan(self, platform: str, prefix: str, limit: int = 1000) -> list[tuple[str, bytes]]:
+        check_state_key(prefix)
+        end = prefix_end(prefix)
+        # A range of the primary key (the column's "C" collation: code point order).
+        if end is None:
+            sql, args = _STATE_SCAN_TO_END, (platform, prefix, limit)
+        else:
+            sql, args = _STATE_SCAN, (platform, prefix, limit, end)
+        rows = await self._submit(lambda tx: tx.fetch(sql, *args))
+        return [(r[0], bytes(r[1])) for r in rows]
 
     async def prune_fingerprints(self, older_than: float) -> int:
         return await self._submit(lambda tx: _rowcount(tx.execute(

@@ -25,6 +25,7 @@ process crash (``SIGKILL``); ``"full"`` also survives a power cut.
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import logging
 import os
 import queue
@@ -38,7 +39,15 @@ from typing import Any, TypeVar
 import msgspec
 
 from gateway.ids import CanonicalId, EventId, GroupId, GroupRef, LinkName, NativeId, PlatformName
-from gateway.store.base import DeadLetter, Mapping, ModerationEntry, OutboxItem, Store
+from gateway.store.base import (
+    DeadLetter,
+    Mapping,
+    ModerationEntry,
+    OutboxItem,
+    Store,
+    check_state_key,
+    prefix_end,
+)
 from gateway.store.jobs import Job, settle
 
 T = TypeVar("T")
@@ -48,6 +57,8 @@ MAX_JOBS_PER_COMMIT = 512
 CHECKPOINT_INTERVAL = 0.25
 WAL_TRUNCATE_BYTES = 4 * 1024 * 1024
 _OUTBOX_COLS = "seq, platform, grp, event_id, type, origin, created, pending, body, occurred"
+STATE_GET_CHUNK = 500
+"""Keys per ``IN (...)`` of ``state_get`` (old SQLite builds take at most 999 parameters)."""
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -471,6 +482,49 @@ class SqliteStore(Store):
             tx.c.execute("INSERT INTO settings (key, value) VALUES (?, ?)", (key, value))
             return value
         return await self._submit(run)
+
+    async def state_get(self, platform: str, keys: Sequence[str]) -> dict[str, bytes]:
+        wanted = list(dict.fromkeys(check_state_key(k) for k in keys))
+        if not wanted:
+            return {}
+
+        def run(tx: SqliteTx) -> dict[str, bytes]:
+            found: dict[str, bytes] = {}
+            for i in range(0, len(wanted), STATE_GET_CHUNK):
+                chunk = wanted[i:i + STATE_GET_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                sql = f"SELECT key, value FROM adapter_state WHERE platform = ? AND key IN ({marks})"
+                found.update((k, bytes(v)) for k, v in tx.c.execute(sql, (platform, *chunk)))
+            return found
+        return await self._submit(run)
+
+    async def state_put(self, platform: str, items: collections.abc.Mapping[str, bytes | None], now: float) -> None:
+        sets = [(platform, check_state_key(k), bytes(v), now) for k, v in items.items() if v is not None]
+        deletes = [(platform, check_state_key(k)) for k, v in items.items() if v is None]
+
+        def run(tx: SqliteTx) -> None:
+            if sets:
+                tx.c.executemany("INSERT INTO adapter_state (platform, key, value, updated) VALUES (?, ?, ?, ?)"
+                                 " ON CONFLICT (platform, key) DO UPDATE SET value = excluded.value,"
+                                 " updated = excluded.updated", sets)
+            if deletes:
+                tx.c.executemany("DELETE FROM adapter_state WHERE platform = ? AND key = ?", deletes)
+        if sets or deletes:
+            await self._submit(run)
+
+    async def state_scan(self, platform: str, prefix: str, limit: int = 1000) -> list[tuple[str, bytes]]:
+        check_state_key(prefix)
+        end = prefix_end(prefix)
+        # A range of the primary key (BINARY collation: code point order), not LIKE or substr.
+        sql = "SELECT key, value FROM adapter_state WHERE platform = ? AND key >= ?"
+        args: list[Any] = [platform, prefix]
+        if end is not None:
+            sql += " AND key < ?"
+            args.append(end)
+        sql += " ORDER BY key LIMIT ?"
+        args.append(limit)
+        rows = await self._submit(lambda tx: tx.c.execute(sql, args).fetchall())
+        return [(k, bytes(v)) for k, v in rows]
 
     async def prune_fingerprints(self, older_than: float) -> int:
         return await self._submit(lambda tx: tx.c.execute("DELETE FROM sent_fingerprints WHERE sent < ?",

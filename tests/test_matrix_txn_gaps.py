@@ -1,0 +1,74 @@
+"""The appservice refuses, once, a numbered transaction that skips one, so
+that Synapse goes back into recovery and sends the stranded older one first
+(see ``AppserviceInbound._skips_one``). No homeserver needed: the routes on a
+local aiohttp server, transactions PUT as Synapse would."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from adapters.matrix.appservice import AppserviceInbound, InboundHooks
+from adapters.matrix.config import MatrixConfig
+from gateway.adapter import Inbound, IngestResult
+from tests.services import free_port
+
+
+class Hooks(InboundHooks):
+    def __init__(self) -> None:
+        self.gaps = 0
+
+    def gap(self) -> None:
+        self.gaps += 1
+
+
+def message(n: int) -> dict[str, Any]:
+    return {"type": "m.room.message", "sender": "@alice:hub.test", "room_id": "!room", "event_id": f"$e{n}",
+            "origin_server_ts": 1_700_000_000_000 + n, "content": {"msgtype": "m.text", "body": f"message {n}"}}
+
+
+async def test_a_skipped_transaction_is_asked_for_first_and_nothing_is_lost_or_reordered() -> None:
+    port = free_port()
+    config = msgspec.convert({"homeserver": "http://127.0.0.1:9", "server_name": "hub.test",
+                              "as_token": secrets.token_urlsafe(32), "hs_token": secrets.token_urlsafe(32),
+                              "appservice_url": f"http://127.0.0.1:{port}/hub"}, MatrixConfig)
+    stored: list[str] = []
+
+    async def ingest(events: Sequence[Inbound]) -> IngestResult:
+        stored.extend(e.payload.text for e in events)
+        return IngestResult(accepted=len(events), duplicates=0)
+
+    hooks = Hooks()
+    inbound = AppserviceInbound(ingest, config, "hub", hooks=hooks)
+    app = web.Application()
+    app.add_routes(inbound.routes())
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    headers = {"Authorization": f"Bearer {config.hs_token}"}
+    url = f"http://127.0.0.1:{port}/hub/_matrix/app/v1/transactions/"
+    try:
+        async with aiohttp.ClientSession(headers=headers) as s:
+            async def put(txn: str, n: int) -> int:
+                async with s.put(url + txn, json={"events": [message(n)]}) as r:
+                    return r.status
+
+            assert await put("5", 5) == 200        # the first one seen: anything goes
+            assert await put("6", 6) == 200
+            assert await put("8", 8) == 503        # 7 is missing: refused, nothing stored
+            assert hooks.gaps == 1 and stored == ["message 5", "message 6"]
+            assert await put("7", 7) == 200        # Synapse's recoverer sends the oldest first
+            assert await put("8", 8) == 200
+            assert await put("10", 10) == 503      # another gap, refused once ...
+            assert await put("10", 10) == 200      # ... and taken when it comes again (9 never existed)
+            assert await put("11", 11) == 200
+            assert await put("abc", 12) == 200     # ids that are not numbers are not judged
+    finally:
+        await runner.cleanup()
+    assert stored == [f"message {n}" for n in (5, 6, 7, 8, 10, 11, 12)]
+    assert inbound.gaps == 2 and hooks.gaps == 2
