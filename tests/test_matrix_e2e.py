@@ -289,6 +289,31 @@ async def test_site_messages_appear_as_the_right_ghost_threaded_and_edited(net: 
     assert edit["content"]["m.relates_to"]["event_id"] == bob_msg["event_id"]
     assert edit["content"]["m.new_content"]["body"] == "a better answer"
 
+    # a thread under Alice's message, mentioning her as the site knows her: m.thread and m.mentions
+    alice_at_site = net.site_events("civic.message.created")[0]["data"]["author"]["id"]
+    await s.send([s.event("civic.message.created", "g-site", site_msg(
+        "b-2", "more in a thread", thread=site_first, mentions=[{"id": alice_at_site, "name": "Alice"}]))])
+
+    async def the_thread() -> dict[str, Any] | None:
+        for e in by_type(await net.events(alice), "m.room.message", bob):
+            if e["content"].get("m.relates_to", {}).get("rel_type") == "m.thread":
+                return e
+        return None
+    thread = await until(the_thread, what="the thread reply in the room")
+    assert thread["content"]["m.relates_to"]["event_id"] == matrix_first
+    assert thread["content"]["m.relates_to"]["is_falling_back"] is True
+    assert thread["content"]["m.mentions"] == {"user_ids": [alice.user_id]}
+
+    # a role at the site: the ghost gets a moderator's power level in the room
+    await s.send([s.event("civic.membership.changed", "g-site", {"member": {"id": "bob", "name": "Bob"},
+                                                                 "state": "role_changed", "role": "admin"})])
+
+    async def bob_level() -> int:
+        levels = await net.call("GET", f"/_matrix/client/v3/rooms/{_q(net.room)}/state/m.room.power_levels",
+                                token=alice.token)
+        return int(levels.get("users", {}).get(bob, 0))
+    assert await until(bob_level, what="bob's power level") == 50  # a remote admin is a moderator here
+
     # and deletes it: redacted by its own ghost
     await s.send([s.event("civic.message.deleted", "g-site", {"id": "b-1"})])
 
@@ -525,6 +550,7 @@ async def test_attachments_are_copied_into_matrix_and_served_out_of_it(hub: Hub,
             # too large to copy: a link in the text; the image: uploaded, with its alt text
             assert text["content"]["body"] == f"our poster\n\nminutes.pdf: http://127.0.0.1:{files_port}/big.bin"
             assert image["content"]["msgtype"] == "m.image" and image["content"]["body"] == "a poster"
+            assert 'civic_degraded_total{reason="matrix_media_not_copied"} 1.0' in net.gw.metrics.render().decode()
             mxc = image["content"]["url"]
             server, media_id = mxc.removeprefix("mxc://").split("/")
             async with aiohttp.ClientSession() as http:

@@ -69,7 +69,8 @@ class MatrixAdapter(Adapter, InboundHooks):
         self.fetcher = Fetcher(allow_private=self.config.media_fetch_private)
         self.media_key = media.media_key(self.config.hs_token)
         self.media_base = self.config.media_url or self.config.appservice_url
-        self.outbound = Outbound(self.client, self.config, self.fetcher, self.media_key, self.media_base)
+        self.outbound = Outbound(self.client, self.config, self.fetcher, self.media_key, self.media_base,
+                                 on_degrade=lambda reason: ctx.metrics.degraded.labels(f"matrix_{reason}").inc())
         self.inbound = AppserviceInbound(ctx.ingest, self.config, ctx.name, hooks=self)
         self.bot = self.inbound.bot_user
         self._rules: dict[tuple[str, str], PolicyRule] = {}

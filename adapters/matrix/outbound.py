@@ -19,7 +19,7 @@ delivery gets the same Matrix event back instead of a second copy.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from adapters.matrix import encode
@@ -131,7 +131,7 @@ class Outbound:
     """Delivers one ``Delivery`` at a time into its room (the group is the room id)."""
 
     def __init__(self, client: MatrixClient, config: MatrixConfig, fetcher: Fetcher, media_key: bytes,
-                 media_base: str) -> None:
+                 media_base: str, on_degrade: Callable[[str], None] = lambda reason: None) -> None:
         self.client = client
         self.config = config
         self.ghosts = Ghosts(client, config)
@@ -141,6 +141,8 @@ class Outbound:
         self.uploads: dict[str, str] = {}
         """Attachment URL -> mxc URI already uploaded (so a retry does not upload twice)."""
         self.degraded: dict[str, int] = {}
+        """What could not be carried as it was, by reason (also reported through ``on_degrade``)."""
+        self.on_degrade = on_degrade
 
     async def deliver(self, d: Delivery) -> dict[str, str]:
         """Send ``d``; the native ids made (gateway id -> Matrix event id)."""
@@ -153,6 +155,7 @@ class Outbound:
 
     def _degrade(self, reason: str) -> None:
         self.degraded[reason] = self.degraded.get(reason, 0) + 1
+        self.on_degrade(reason)
 
     # -- messages -----------------------------------------------------------------------------
     async def _message_created(self, d: Delivery, msg: Message) -> dict[str, str]:
