@@ -142,15 +142,27 @@ class AdapterState(abc.ABC):
     async def scan(self, prefix: str, limit: int = 1000) -> list[tuple[str, bytes]]:
         """(key, value) of the first ``limit`` keys starting with ``prefix``, in key (code point) order."""
 
+    @abc.abstractmethod
+    async def prune(self, prefix: str, older_than: float) -> int:
+        """Delete the keys starting with ``prefix`` last written before
+        ``older_than`` (Unix seconds); how many were deleted."""
+
 
 class MemoryState(AdapterState):
     """``AdapterState`` in memory, gone at exit: for unit tests and adapters
     built without a gateway. Checks keys as the store does, so a test catches
     a key the store would refuse."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._values: dict[str, bytes] = {}
         self._keys: list[str] = []  # sorted, for scans
+        self._written: dict[str, float] = {}
+        self._clock = clock
+
+    async def prune(self, prefix: str, older_than: float) -> int:
+        old = [k for k, v in await self.scan(prefix, limit=len(self._keys) + 1) if self._written[k] < older_than]
+        await self.put(dict.fromkeys(old))
+        return len(old)
 
     async def get(self, keys: Sequence[str]) -> dict[str, bytes]:
         return {k: self._values[k] for k in keys if check_state_key(k) in self._values}
@@ -160,12 +172,14 @@ class MemoryState(AdapterState):
             check_state_key(k)
         for k, v in items.items():
             if v is None:
+                self._written.pop(k, None)
                 if self._values.pop(k, None) is not None:
                     del self._keys[bisect.bisect_left(self._keys, k)]
             else:
                 if k not in self._values:
                     bisect.insort(self._keys, k)
                 self._values[k] = bytes(v)
+                self._written[k] = self._clock()
 
     async def scan(self, prefix: str, limit: int = 1000) -> list[tuple[str, bytes]]:
         out: list[tuple[str, bytes]] = []
@@ -193,6 +207,9 @@ class StoreState(AdapterState):
     async def scan(self, prefix: str, limit: int = 1000) -> list[tuple[str, bytes]]:
         return await self.store.state_scan(self.platform, prefix, limit)
 
+    async def prune(self, prefix: str, older_than: float) -> int:
+        return await self.store.state_prune(self.platform, prefix, older_than)
+
 
 class AdapterContext(Struct, kw_only=True):
     """What the core hands an adapter when it creates it."""
@@ -219,6 +236,9 @@ class AdapterContext(Struct, kw_only=True):
     empty sequence withdraws them). The gateway applies the rules of every
     platform to what enters from any platform. Rules live in memory: call
     again after a restart (keep what is needed to rebuild them in ``state``)."""
+    groups: tuple[str, ...] = ()
+    """This platform's groups that the config links (for adapters that must
+    join them, or refuse to join anything else)."""
 
 
 class Adapter(abc.ABC):

@@ -69,7 +69,9 @@ class Gateway:
                                                      metrics=self.metrics, gateway_source=self.settings.source,
                                                      node=self.node, leads=self._leads,
                                                      state=StoreState(self.store, name),
-                                                     set_ban_rules=functools.partial(self.set_ban_rules, name)))
+                                                     set_ban_rules=functools.partial(self.set_ban_rules, name),
+                                                     groups=tuple(g.group for g in self.router.groups()
+                                                                  if g.platform == name)))
         self.delivery = DeliveryEngine(self.store, self.adapters, self.metrics, self.tasks,
                                        retry_max_delay=self.settings.retry_max_delay,
                                        retry_max_age=self.settings.retry_max_age)

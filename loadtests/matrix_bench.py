@@ -76,9 +76,11 @@ BOT = f"@civic:{SERVER}"
 MARK = re.compile(r"\[mb (\S+)/(\d+)\]")
 TEXT = "Buurtoverleg donderdag om acht uur in het wijkcentrum; neem je ideeën voor het plein mee."
 INTO, WH2MX, OUT, MX2WH = "into Synapse", "webhook->Matrix", "out of Synapse", "Matrix->webhook"
+INTO_GW = "into, as gateway"  # diagnostic: the gateway's own requests, sent without the gateway
 PAIRS = ((INTO, WH2MX), (OUT, MX2WH))  # (baseline, through the gateway) per direction
+PHASES = (INTO, INTO_GW, WH2MX, OUT, MX2WH)
 THRESHOLD = 0.9
-TAGS = {INTO: "in", WH2MX: "wm", OUT: "out", MX2WH: "mw"}
+TAGS = {INTO: "in", INTO_GW: "ig", WH2MX: "wm", OUT: "out", MX2WH: "mw"}
 
 
 def q(part: str) -> str:
@@ -119,10 +121,15 @@ class Matrix:
             await asyncio.sleep(min(1.0, 0.05 * 2 ** attempt))
         raise RuntimeError(f"{method} {path}: gave up after 20 attempts")
 
-    async def send(self, room: str, text: str, txn: str, *, token: str, user: str | None = None) -> str:
+    async def send(self, room: str, text: str, txn: str, *, token: str, user: str | None = None,
+                   like_gateway: bool = False) -> str:
+        content: dict[str, Any] = {"msgtype": "m.text", "body": text}
+        query = {"user_id": user} if user else {}
+        if like_gateway:  # adapters.matrix.outbound: m.mentions, and ts (the event's time)
+            content["m.mentions"] = {}
+            query["ts"] = str(int(time.time() * 1000) - 30)
         done = await self.call("PUT", f"/_matrix/client/v3/rooms/{q(room)}/send/m.room.message/{q(txn)}",
-                               {"msgtype": "m.text", "body": text}, token=token,
-                               query={"user_id": user} if user else None)
+                               content, token=token, query=query or None)
         return str(done["event_id"])
 
     async def bodies(self, room: str, token: str) -> list[tuple[str, str]]:
@@ -174,8 +181,9 @@ class Rig:
     as_token: str
     users: list[tuple[str, str]]            # (user id, token)
     linked: list[str]                       # rooms linked to g<i>
-    plain: list[str]                        # rooms without the bot
-    ghosts: list[str]                       # @civic_bench_<i>, member of plain[i]
+    plain: list[str]                        # rooms without the bot, user i and ghost i
+    solo: list[str]                         # rooms of user i alone (no appservice user: no pushes)
+    ghosts: list[str]                       # @civic_bench_<i>, member of plain[i] and linked[i]
     results: list[Phase] = field(default_factory=list)
     _scan: int = 0
     site_seen: dict[str, Counter[int]] = field(default_factory=dict)
@@ -206,8 +214,10 @@ class Rig:
         k = len(self.linked)
         return [list(range(i, n, k)) for i in range(k)]
 
-    async def matrix_senders(self, tag: str, n: int, rooms: list[str], as_ghost: bool) -> tuple[float, float, int]:
-        """K senders, each serially into its room; (first send, last answer, accepted)."""
+    async def matrix_senders(self, tag: str, n: int, rooms: list[str], as_ghost: bool,
+                             like_gateway: bool = False) -> tuple[float, float, int]:
+        """K senders, each serially into its room; (first send, last answer, accepted).
+        ``like_gateway``: the request the gateway makes (``ts`` and ``m.mentions``)."""
         accepted = 0
         last = 0.0
 
@@ -217,7 +227,7 @@ class Rig:
             for seq in seqs:
                 if as_ghost:
                     await self.mx.send(rooms[i], f"[mb {tag}/{seq}] {TEXT}", f"{tag}-{seq}", token=self.as_token,
-                                       user=self.ghosts[i])
+                                       user=self.ghosts[i], like_gateway=like_gateway)
                 else:
                     await self.mx.send(rooms[i], f"[mb {tag}/{seq}] {TEXT}", f"{tag}-{seq}", token=token)
                 accepted += 1
@@ -274,8 +284,10 @@ class Rig:
         note = ""
         if name == INTO:
             t0, t1, got = await self.matrix_senders(tag, n, self.plain, as_ghost=True)
+        elif name == INTO_GW:
+            t0, t1, got = await self.matrix_senders(tag, n, self.linked, as_ghost=True, like_gateway=True)
         elif name == OUT:
-            t0, t1, got = await self.matrix_senders(tag, n, self.plain, as_ghost=False)
+            t0, t1, got = await self.matrix_senders(tag, n, self.solo, as_ghost=False)
         elif name == WH2MX:
             base = await self.delivered_to_hub()
             t0 = await self.site_posts(tag, n)
@@ -371,7 +383,7 @@ async def setup(args: argparse.Namespace, workdir: Path, stack: contextlib.Async
         u = await asyncio.to_thread(synapse.register_user, f"bench{i}")
         users.append((u.user_id, u.token))
 
-    async def rooms_of(i: int) -> tuple[str, str, str]:
+    async def rooms_of(i: int) -> tuple[str, str, str, str]:
         uid, token = users[i]
         linked = (await mx.call("POST", "/_matrix/client/v3/createRoom",
                                 {"room_version": "12", "preset": "private_chat", "invite": [BOT],
@@ -383,17 +395,21 @@ async def setup(args: argparse.Namespace, workdir: Path, stack: contextlib.Async
         plain = (await mx.call("POST", "/_matrix/client/v3/createRoom",
                                {"room_version": "12", "preset": "private_chat", "name": f"plain {i}"},
                                token=token))["room_id"]
+        solo = (await mx.call("POST", "/_matrix/client/v3/createRoom",
+                              {"room_version": "12", "preset": "private_chat", "name": f"solo {i}"},
+                              token=token))["room_id"]
         ghost = f"@civic_bench_{i}:{SERVER}"
         await mx.call("POST", "/_matrix/client/v3/register",
                       {"type": "m.login.application_service", "username": f"civic_bench_{i}", "inhibit_login": True},
                       token=cfg.as_token, ok=("M_USER_IN_USE",))
-        await mx.call("POST", f"/_matrix/client/v3/rooms/{q(plain)}/invite", {"user_id": ghost}, token=token)
-        await mx.call("POST", f"/_matrix/client/v3/join/{q(plain)}", {}, token=cfg.as_token,
-                      query={"user_id": ghost})
-        return linked, plain, ghost
+        for room in (plain, linked):
+            await mx.call("POST", f"/_matrix/client/v3/rooms/{q(room)}/invite", {"user_id": ghost}, token=token)
+            await mx.call("POST", f"/_matrix/client/v3/join/{q(room)}", {}, token=cfg.as_token,
+                          query={"user_id": ghost})
+        return linked, plain, solo, ghost
 
     made = await asyncio.gather(*(rooms_of(i) for i in range(k)))
-    linked, plain, ghosts = [m[0] for m in made], [m[1] for m in made], [m[2] for m in made]
+    linked, plain, solo, ghosts = ([m[j] for m in made] for j in range(4))
 
     node = Node("gateway", gateway_config(gw_port, workdir, cfg, site, linked), gw_port, workdir)
     stack.callback(node.stop)
@@ -402,12 +418,13 @@ async def setup(args: argparse.Namespace, workdir: Path, stack: contextlib.Async
     await wait_joined(mx, linked, users)
     sender = Sender(node.url, "site", site.secret)
     stack.push_async_callback(sender.close)
-    rig = Rig(args, workdir, synapse, node, site, sender, mx, cfg.as_token, users, linked, plain, ghosts)
+    rig = Rig(args, workdir, synapse, node, site, sender, mx, cfg.as_token, users, linked, plain, solo, ghosts)
 
     # warm-up: one message per room and direction (ghosts registered and joined, names and profiles cached)
     log("warm-up")
     await rig.matrix_senders("warm", k, plain, as_ghost=True)
-    await rig.matrix_senders("warm", k, plain, as_ghost=False)
+    await rig.matrix_senders("warmig", k, linked, as_ghost=True, like_gateway=True)
+    await rig.matrix_senders("warm", k, solo, as_ghost=False)
     base = await rig.delivered_to_hub()
     await rig.site_posts("warmwm", k)
     await rig.until(lambda: _ge(rig.delivered_to_hub(), base + k), 60, "the warm-up into Matrix", every=0.05)
@@ -429,7 +446,7 @@ async def _ge(value: Awaitable[float], bound: float) -> bool:
 
 def summary(results: list[Phase]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    for name in (INTO, WH2MX, OUT, MX2WH):
+    for name in PHASES:
         ps = [p for p in results if p.name == name]
         if not ps:
             continue
@@ -449,6 +466,8 @@ def print_table(results: list[Phase], args: argparse.Namespace) -> bool:
         if base in s and gw in s:
             ratio[gw] = s[gw]["rate"] / s[base]["rate"]
             ratio[base] = 1.0
+    if INTO_GW in s and INTO in s:
+        ratio[INTO_GW] = s[INTO_GW]["rate"] / s[INTO]["rate"]
     print()
     print(f"Matrix relay benchmark: {args.rooms} rooms, {args.messages} messages per phase, {args.rounds} round(s), "
           f"site batches of {args.site_batch}; msg/s is the median over rounds")
@@ -457,7 +476,7 @@ def print_table(results: list[Phase], args: argparse.Namespace) -> bool:
             f"{'lost':>4} {'dup':>4}  rounds")
     print(head)
     print("-" * len(head))
-    for name in (INTO, WH2MX, OUT, MX2WH):
+    for name in PHASES:
         if name not in s:
             continue
         r = s[name]
@@ -487,9 +506,8 @@ async def main_async(args: argparse.Namespace) -> int:
         async with contextlib.AsyncExitStack() as stack:
             rig = await setup(args, workdir, stack)
             for rnd in range(1, args.rounds + 1):
-                for base, gw in PAIRS:
-                    order = (base, gw) if rnd % 2 else (gw, base)
-                    for name in order:
+                for group in ((INTO, INTO_GW, WH2MX), (OUT, MX2WH)):
+                    for name in (group if rnd % 2 else group[::-1]):
                         await rig.run_phase(name, rnd, args.messages)
             # webhook -> Matrix: count what the rooms hold
             counts = await rig.verify_rooms()

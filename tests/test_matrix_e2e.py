@@ -579,3 +579,22 @@ async def test_attachments_are_copied_into_matrix_and_served_out_of_it(hub: Hub,
                     assert r.status == 403
     finally:
         await runner.cleanup()
+
+
+async def test_the_bot_declines_invites_to_rooms_no_link_names(net: Net) -> None:
+    alice = net.hub.alice
+    stray = await asyncio.to_thread(net.hs.create_room, alice.token, invite=[net.hub.bot])
+
+    async def bot_membership() -> str | None:
+        r = await asyncio.to_thread(net.hs.request, "GET", f"/_matrix/client/v3/rooms/{_q(stray)}/state/"
+                                    f"m.room.member/{_q(net.hub.bot)}", token=alice.token)
+        return r.body.get("membership") if r.status == 200 else None
+    assert await until(lambda: _is(bot_membership, "leave"), what="the invite declined") is True
+    await net.send(alice, {"msgtype": "m.text", "body": "not linked"}, room=stray)
+    await net.send(alice, {"msgtype": "m.text", "body": "linked"})
+    await until(lambda: net.site_events("civic.message.created"), what="the linked room's message")
+    assert [e["data"]["text"] for e in net.site_events("civic.message.created")] == ["linked"]
+
+
+async def _is(fn: Callable[[], Any], value: Any) -> bool:
+    return await fn() == value

@@ -652,6 +652,18 @@ async def test_adapter_state_platforms_are_separate(store: Store) -> None:
     assert await store.state_scan("other", "") == []
 
 
+async def test_adapter_state_prune_deletes_old_keys_under_a_prefix_only(store: Store) -> None:
+    await store.state_put("mx", {"r:old": b"1", "r:older": b"2", "keep:old": b"3"}, 10.0)
+    await store.state_put("mx", {"r:new": b"4"}, 20.0)
+    await store.state_put("ap", {"r:old": b"5"}, 10.0)
+    assert await store.state_prune("mx", "r:", 15.0) == 2
+    assert await store.state_scan("mx", "") == [("keep:old", b"3"), ("r:new", b"4")]
+    assert await store.state_get("ap", ["r:old"]) == {"r:old": b"5"}, "another platform's keys stay"
+    await store.state_put("mx", {"r:new": b"4b"}, 30.0)  # rewriting a key makes it new again
+    assert await store.state_prune("mx", "r:", 25.0) == 0
+    assert await store.state_prune("mx", "", 100.0) == 2
+
+
 async def test_adapter_state_scan_by_prefix_in_key_order(store: Store) -> None:
     keys = ["room/b", "room/a", "room/a/x", "room0", "roo", "room/\u00e9", "room/Z", "room/\U0001f600", "zz"]
     await store.state_put("mx", {k: k.encode() for k in keys}, 1.0)

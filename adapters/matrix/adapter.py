@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -54,6 +55,9 @@ POLICY_REFRESH = 60.0
 when the homeserver pushes them to this node)."""
 PING_RETRY = (1.0, 2.0, 5.0, 10.0, 30.0)
 REACTION_KEY = "reaction:"
+REACTION_MEMORY = 30 * 86400.0
+"""Seconds a reaction is remembered (so that its redaction can be read): older
+reactions, when redacted, arrive as a deletion that matches nothing."""
 NAMES_MAX = 100_000
 
 
@@ -93,6 +97,7 @@ class MatrixAdapter(Adapter, InboundHooks):
         await self.client.start()
         await self.fetcher.start()
         self._tasks.spawn(self._ping_until_answered(), f"matrix-{self.name}-ping")
+        self._tasks.spawn(self._prune_now_and_then(), f"matrix-{self.name}-prune")
         if self.config.policy_room:
             self._tasks.spawn(self._policy_loop(), f"matrix-{self.name}-policy")
 
@@ -119,11 +124,32 @@ class MatrixAdapter(Adapter, InboundHooks):
                 self.last_ping = await ping_homeserver(self.client.session, self.config)
                 log.info("%s: homeserver %s reaches the gateway (ping %.0f ms)", self.name, self.config.homeserver,
                          self.last_ping * 1000)
+                await self._join_linked_rooms()
                 return
             except PingError as exc:
                 delay = PING_RETRY[min(attempt, len(PING_RETRY) - 1)]
                 (log.info if attempt < 2 else log.warning)("%s: %s; trying again in %.0f s", self.name, exc, delay)
                 await asyncio.sleep(delay)
+
+    async def _join_linked_rooms(self) -> None:
+        """The bot joins the rooms the config links (it can when it was invited,
+        or the room is public), and says which it cannot enter."""
+        for room in self.ctx.groups:
+            try:
+                await self.client.join(room)
+            except MatrixError as exc:
+                log.warning("%s: the bot %s is not in the linked room %s (invite it): %s", self.name, self.bot,
+                            room, exc)
+
+    async def _prune_now_and_then(self) -> None:
+        while True:
+            try:
+                n = await self.ctx.state.prune(REACTION_KEY, time.time() - REACTION_MEMORY)
+                if n:
+                    log.info("%s: forgot %d reactions older than %d days", self.name, n, REACTION_MEMORY // 86400)
+            except Exception:  # the store may be busy; next time
+                log.exception("%s: pruning remembered reactions failed", self.name)
+            await asyncio.sleep(3600)
 
     async def _policy_loop(self) -> None:
         while True:
@@ -310,6 +336,16 @@ class MatrixAdapter(Adapter, InboundHooks):
             sender, ghost_prefix=self.config.ghost_prefix, server_name=self.config.server_name))
 
     async def _accept_invite(self, room: str) -> None:
+        """Join a linked room or the policy room; decline any other invite (a
+        bot that joined every room it is invited to would be a way to flood the
+        gateway)."""
+        if room not in self.ctx.groups and room != self.config.policy_room:
+            log.info("%s: declined the invite to %s: no link names that room", self.name, room)
+            try:
+                await self.client.leave(room, self.bot)
+            except MatrixError as exc:
+                log.info("%s: declining the invite to %s: %s", self.name, room, exc)
+            return
         try:
             await self.client.join(room)
             log.info("%s: the bot joined %s", self.name, room)

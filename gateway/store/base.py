@@ -273,6 +273,11 @@ class Store(abc.ABC):
         key order: by code point, the same on every store."""
 
     @abc.abstractmethod
+    async def state_prune(self, platform: str, prefix: str, older_than: float) -> int:
+        """Delete the keys starting with ``prefix`` last written before
+        ``older_than`` (Unix seconds); how many were deleted."""
+
+    @abc.abstractmethod
     async def prune_fingerprints(self, older_than: float) -> int:
         """Forget fingerprints of events sent before ``older_than``; returns how many."""
 

@@ -720,6 +720,16 @@ class PostgresStore(Store):
         rows = await self._submit(lambda tx: tx.fetch(sql, *args))
         return [(r[0], bytes(r[1])) for r in rows]
 
+    async def state_prune(self, platform: str, prefix: str, older_than: float) -> int:
+        check_state_key(prefix)
+        end = prefix_end(prefix)
+        sql = "DELETE FROM adapter_state WHERE platform = $1 AND key >= $2 AND updated < $3"
+        args: list[Any] = [platform, prefix, older_than]
+        if end is not None:
+            sql += " AND key < $4"
+            args.append(end)
+        return await self._submit(lambda tx: _rowcount(tx.execute(sql, *args)))
+
     async def prune_fingerprints(self, older_than: float) -> int:
         return await self._submit(lambda tx: _rowcount(tx.execute(
             "DELETE FROM sent_fingerprints WHERE sent < $1", older_than)))

@@ -526,6 +526,16 @@ class SqliteStore(Store):
         rows = await self._submit(lambda tx: tx.c.execute(sql, args).fetchall())
         return [(k, bytes(v)) for k, v in rows]
 
+    async def state_prune(self, platform: str, prefix: str, older_than: float) -> int:
+        check_state_key(prefix)
+        end = prefix_end(prefix)
+        sql = "DELETE FROM adapter_state WHERE platform = ? AND key >= ? AND updated < ?"
+        args: list[Any] = [platform, prefix, older_than]
+        if end is not None:
+            sql += " AND key < ?"
+            args.append(end)
+        return int(await self._submit(lambda tx: tx.c.execute(sql, args).rowcount))
+
     async def prune_fingerprints(self, older_than: float) -> int:
         return await self._submit(lambda tx: tx.c.execute("DELETE FROM sent_fingerprints WHERE sent < ?",
                                                           (older_than,)).rowcount)
