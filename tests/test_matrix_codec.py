@@ -523,6 +523,18 @@ def test_stand_in_of_refuses_what_no_ghost_is() -> None:
     assert E.stand_in_of("civic_", "@civic_cga__01ab:hub.example", "hub.example") == "cga_01ab"
 
 
+def test_mentions_become_pills_in_the_html_and_read_back_as_mentions() -> None:
+    msg = Message(id="$m", author=Actor(ALICE), text="thanks @Bob <3 and @Nobody", mentions=(Actor("cga_b", name="Bob"),))
+    content = E.message_content(msg, mention_users=["@civic_cga__b:hub"], pills=[("@civic_cga__b:hub", "Bob")])
+    assert content["formatted_body"] == ('thanks <a href="https://matrix.to/#/@civic_cga__b:hub">Bob</a> &lt;3 and '
+                                         "@Nobody")
+    assert content["body"] == "thanks @Bob <3 and @Nobody" and content["m.mentions"] == {"user_ids": ["@civic_cga__b:hub"]}
+    back = dec(ev("m.room.message", {k: v for k, v in content.items() if k != "m.mentions"}))
+    assert isinstance(back, D.Decoded) and [a.id for a in back.payload.mentions] == ["@civic_cga__b:hub"]
+    no_name = E.message_content(msg, mention_users=["@x:hub"], pills=[("@x:hub", "")])
+    assert "formatted_body" not in no_name  # nothing to make a pill of: plain text stays plain
+
+
 # -- round trip ---------------------------------------------------------------------------------
 
 def roundtrip(msg: Message, **kw: Any) -> Message:

@@ -598,3 +598,24 @@ async def test_the_bot_declines_invites_to_rooms_no_link_names(net: Net) -> None
 
 async def _is(fn: Callable[[], Any], value: Any) -> bool:
     return await fn() == value
+
+
+async def test_leaves_travel_both_ways(net: Net) -> None:
+    hub, alice, s = net.hub, net.hub.alice, net.sender
+    erin = await asyncio.to_thread(hub.synapse.register_user, f"erin{secrets.token_hex(3)}")
+    await net.call("POST", f"/_matrix/client/v3/rooms/{_q(net.room)}/invite", {"user_id": erin.user_id},
+                   token=alice.token)
+    await net.call("POST", f"/_matrix/client/v3/join/{_q(net.room)}", {}, token=erin.token)
+    await net.call("POST", f"/_matrix/client/v3/rooms/{_q(net.room)}/leave", {}, token=erin.token)
+    left = await until(lambda: [e["data"] for e in net.site_events("civic.membership.changed")
+                                if e["data"]["state"] == "left"], what="erin's leave at the site")
+    assert left[0].get("by") is None  # she left by herself: not a kick
+
+    await s.send([s.event("civic.membership.changed", "g-site", {"member": {"id": "finn", "name": "Finn"},
+                                                                 "state": "joined"})])
+    ghost = next(iter(await until(lambda: _ghost_members(net, 1), what="finn's ghost joined")))
+    await s.send([s.event("civic.membership.changed", "g-site", {"member": {"id": "finn"}, "state": "left"})])
+    await until(lambda: _membership_is(net, ghost, "leave"), what="finn's ghost left")
+    # the ghost's own leave is an echo, not a new event for the site
+    await asyncio.sleep(0.5)
+    assert len([e for e in net.site_events("civic.membership.changed") if e["data"]["state"] == "left"]) == 1

@@ -13,6 +13,7 @@ import html as _html
 import re
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
 from adapters.matrix.decode import HTML_FORMAT, plain_to_html
 from schemas.v1 import Actor, Attachment, Message, MessageDeletion, ModerationAction
@@ -27,7 +28,8 @@ MAX_LOCALPART = 200
 # -- messages -----------------------------------------------------------------------------------
 
 def message_content(msg: Message, *, reply_to_event: str | None = None, thread_root: str | None = None,
-                    thread_latest: str | None = None, mention_users: Sequence[str] = ()) -> dict[str, Any]:
+                    thread_latest: str | None = None, mention_users: Sequence[str] = (),
+                    pills: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
     """``m.room.message`` content (``msgtype: m.text``) for ``msg``'s text.
 
     ``body`` is the plain text; with a warning it starts ``CW: <warning>`` and a
@@ -40,8 +42,10 @@ def message_content(msg: Message, *, reply_to_event: str | None = None, thread_r
     ``thread_root``: the thread's root event (``rel_type: m.thread``); without a
     reply the thread falls back to ``thread_latest`` (or the root) for clients
     without threads (``is_falling_back: true``). ``m.mentions`` lists
-    ``mention_users`` (empty: nobody is pinged by name matching)."""
-    content: dict[str, Any] = {"msgtype": "m.text", **_text_fields(msg)}
+    ``mention_users`` (empty: nobody is pinged by name matching). ``pills``:
+    (user id, name) of mentioned people: the first ``@name`` in the text becomes
+    a link to the user (a "pill", as clients show mentions)."""
+    content: dict[str, Any] = {"msgtype": "m.text", **_text_fields(msg, pills)}
     relates = _relates_to(reply_to_event, thread_root, thread_latest)
     if relates:
         content["m.relates_to"] = relates
@@ -49,10 +53,15 @@ def message_content(msg: Message, *, reply_to_event: str | None = None, thread_r
     return content
 
 
-def _text_fields(msg: Message) -> dict[str, Any]:
+def _text_fields(msg: Message, pills: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
     body = msg.text
     fields: dict[str, Any] = {}
     html = msg.html if msg.html and msg.html.strip() else None  # blank HTML says nothing
+    if pills:
+        base = html if html is not None else plain_to_html(msg.text)
+        pilled = with_pills(base, pills)
+        if pilled != base:
+            html = pilled
     if msg.title:  # Matrix has no titles: a first line (not read back by decode)
         body = f"{msg.title}\n\n{body}"
         html = (f"<strong>{_html.escape(msg.title, quote=False)}</strong><br>"
@@ -83,6 +92,22 @@ def _relates_to(reply_to_event: str | None, thread_root: str | None,
     if reply_to_event is not None:
         return {"m.in_reply_to": {"event_id": reply_to_event}}
     return None
+
+
+def with_pills(html: str, pills: Sequence[tuple[str, str]]) -> str:
+    """``html`` with the first ``@name`` of each (user id, name) made a pill:
+    ``<a href="https://matrix.to/#/@user:server">name</a>``."""
+    for user, name in pills:
+        if not name:
+            continue
+        needle = "@" + _html.escape(name, quote=False)
+        at = html.find(needle)
+        if at < 0:
+            continue
+        href = "https://matrix.to/#/" + quote(user, safe="@:")
+        html = (f'{html[:at]}<a href="{_html.escape(href, quote=True)}">{_html.escape(name, quote=False)}</a>'
+                f'{html[at + len(needle):]}')
+    return html
 
 
 def mentions(user_ids: Sequence[str]) -> dict[str, Any]:

@@ -179,7 +179,8 @@ class Outbound:
             text_msg = _with_text(msg, f"{msg.text}\n\n{lines}" if msg.text else lines)
         if text_msg.text or text_msg.html or not uploaded:
             content = encode.message_content(text_msg, reply_to_event=reply, thread_root=thread,
-                                             mention_users=mentions)
+                                             mention_users=mentions,
+                                             pills=[(u, m.name or "") for u, m in zip(mentions, msg.mentions)])
             first = await self.client.send(room, "m.room.message", content, f"{d.event_id}.0", user=user, ts=d.time)
         for i, (att, mxc) in enumerate(uploaded, start=1):
             content = encode.attachment_content(att, mxc_url=mxc, reply_to_event=reply, thread_root=thread)
