@@ -4,6 +4,9 @@ are http(s)/mailto only and get rel="noopener noreferrer nofollow"."""
 
 from __future__ import annotations
 
+import re
+from html.parser import HTMLParser
+
 import nh3
 
 TAGS = {
@@ -32,3 +35,42 @@ def clean_text(text: str) -> str:
     if text.isprintable():
         return text
     return text.translate(_CONTROL)
+
+
+class _TextOf(HTMLParser):
+    """Collects the text of HTML: block ends and ``<br>`` become line breaks."""
+
+    BLOCKS = frozenset({"p", "div", "blockquote", "li", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "tr"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skip = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("script", "style"):
+            self.skip += 1
+        elif tag == "br":
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style"):
+            self.skip = max(0, self.skip - 1)
+        elif tag in self.BLOCKS:
+            self.parts.append("\n\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self.skip:
+            self.parts.append(data)
+
+
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def html_to_text(html: str) -> str:
+    """The readable text of ``html`` (for platforms and fields that take plain
+    text): tags dropped, entities decoded, paragraphs as blank lines."""
+    parser = _TextOf()
+    parser.feed(html)
+    parser.close()
+    return clean_text(_BLANK_LINES.sub("\n\n", "".join(parser.parts)).strip())

@@ -1,0 +1,235 @@
+"""Gateway -> ActivityPub, pure: schema payloads to ActivityStreams 2.0
+documents, and the gateway's own actor documents. No I/O.
+
+Every id the gateway mints lives under ``Urls.base`` (the public base URL of
+the platform): hosted groups ``/ap/groups/{name}``, the people of other
+platforms ``/ap/people/{stand-in id}``, notes ``/ap/notes/{id}``, activities
+``/ap/activities/{id}``, and the instance actor ``/ap/actor``.
+
+Nothing here publishes a count: no ``likes``, ``shares`` or ``replies``
+collections with totals, and collections of followers are not served with a
+``totalItems`` (civic rule: no engagement counters).
+"""
+
+from __future__ import annotations
+
+import html as _html
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import quote
+
+from msgspec import Struct
+
+from schemas.v1 import Actor, Attachment, Message
+
+AS_CONTEXT = "https://www.w3.org/ns/activitystreams"
+SECURITY_CONTEXT = "https://w3id.org/security/v1"
+CONTEXT: list[Any] = [AS_CONTEXT, SECURITY_CONTEXT,
+                      {"sensitive": "as:sensitive", "Hashtag": "as:Hashtag", "toot": "http://joinmastodon.org/ns#",
+                       "discoverable": "toot:discoverable", "indexable": "toot:indexable",
+                       "manuallyApprovesFollowers": "as:manuallyApprovesFollowers",
+                       "movedTo": {"@id": "as:movedTo", "@type": "@id"},
+                       "alsoKnownAs": {"@id": "as:alsoKnownAs", "@type": "@id"},
+                       "litepub": "http://litepub.social/ns#", "EmojiReact": "litepub:EmojiReact"}]
+PUBLIC = "https://www.w3.org/ns/activitystreams#Public"
+ACTIVITY_JSON = "application/activity+json"
+ANONYMOUS_NAME = "anonymous member"
+
+
+class Urls(Struct, frozen=True):
+    """The ids the gateway mints, under one public base URL (no trailing ``/``)."""
+
+    base: str
+
+    @property
+    def host(self) -> str:
+        return self.base.split("://", 1)[1].split("/", 1)[0]
+
+    @property
+    def instance(self) -> str:
+        return f"{self.base}/ap/actor"
+
+    @property
+    def shared_inbox(self) -> str:
+        return f"{self.base}/ap/inbox"
+
+    def group(self, name: str) -> str:
+        return f"{self.base}/ap/groups/{quote(name, safe='')}"
+
+    def person(self, stand_in: str) -> str:
+        return f"{self.base}/ap/people/{quote(stand_in, safe='')}"
+
+    def note(self, message_id: str) -> str:
+        return f"{self.base}/ap/notes/{quote(message_id, safe='')}"
+
+    def activity(self, event_id: str, suffix: str = "") -> str:
+        return f"{self.base}/ap/activities/{quote(event_id, safe='')}{suffix}"
+
+    def key_id(self, actor_url: str) -> str:
+        return f"{actor_url}#main-key"
+
+    def owns(self, url: str) -> bool:
+        return url.startswith(self.base + "/")
+
+
+def person_url(urls: Urls, actor: Actor) -> str:
+    """The actor id for ``actor`` as the fediverse sees them: their own account
+    when the core names one (an actor URL), else the gateway's Person for them."""
+    if actor.id.startswith(("https://", "http://")):
+        return actor.id
+    return urls.person(actor.id)
+
+
+def display_name(actor: Actor) -> str:
+    """As the identity level allows: anonymous people get a neutral label."""
+    if actor.identity == "anonymous":
+        return ANONYMOUS_NAME
+    return (actor.name or actor.id)[:256]
+
+
+def plain_to_html(text: str) -> str:
+    paragraphs = [p for p in text.split("\n\n")]
+    return "".join(f"<p>{_html.escape(p, quote=False).replace(chr(10), '<br>')}</p>" for p in paragraphs if p) \
+        or "<p></p>"
+
+
+# -- actors -------------------------------------------------------------------------------------------
+
+def _actor(kind: str, actor_id: str, username: str, name: str, urls: Urls, key_pem: str,
+           summary: str | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "@context": CONTEXT,
+        "id": actor_id,
+        "type": kind,
+        "preferredUsername": username,
+        "name": name,
+        "inbox": f"{actor_id}/inbox",
+        "outbox": f"{actor_id}/outbox",
+        "followers": f"{actor_id}/followers",
+        "following": f"{actor_id}/following",
+        "endpoints": {"sharedInbox": urls.shared_inbox},
+        "url": actor_id,
+        "manuallyApprovesFollowers": False,
+        "discoverable": False,
+        "indexable": False,
+        "publicKey": {"id": urls.key_id(actor_id), "owner": actor_id, "publicKeyPem": key_pem},
+    }
+    if summary:
+        doc["summary"] = summary
+    return doc
+
+
+def group_actor(urls: Urls, name: str, key_pem: str, *, display: str | None = None,
+                summary: str | None = None) -> dict[str, Any]:
+    """A hosted group (FEP-1b12): follow it to join, address it to post."""
+    doc = _actor("Group", urls.group(name), name, display or name, urls, key_pem, summary)
+    doc["postingRestrictedToMods"] = False
+    return doc
+
+
+def person_actor(urls: Urls, actor: Actor, key_pem: str) -> dict[str, Any]:
+    """A person of another platform, shown as their identity level allows; the
+    username is their stand-in id (never a handle for anonymous people: theirs
+    differs per group already)."""
+    return _actor("Person", urls.person(actor.id), actor.id, display_name(actor), urls, key_pem)
+
+
+def instance_actor(urls: Urls, key_pem: str) -> dict[str, Any]:
+    """The gateway itself (FEP-d556): signs fetches and forwards reports."""
+    return _actor("Application", urls.instance, urls.host, "civic-gateway", urls, key_pem)
+
+
+def webfinger(resource: str, actor_id: str) -> dict[str, Any]:
+    return {"subject": resource, "aliases": [actor_id],
+            "links": [{"rel": "self", "type": ACTIVITY_JSON, "href": actor_id}]}
+
+
+def nodeinfo(version: str, *, open_registrations: bool = False) -> dict[str, Any]:
+    """NodeInfo 2.1, without usage counts (no engagement figures)."""
+    return {"version": "2.1", "software": {"name": "civic-gateway", "version": version,
+                                           "homepage": "https://civic-gateway.example/"},
+            "protocols": ["activitypub"], "services": {"inbound": [], "outbound": []},
+            "openRegistrations": open_registrations, "usage": {"users": {}}, "metadata": {}}
+
+
+def collection(collection_id: str, items: Sequence[Any] = ()) -> dict[str, Any]:
+    """An ordered collection, without ``totalItems``."""
+    return {"@context": AS_CONTEXT, "id": collection_id, "type": "OrderedCollection", "orderedItems": list(items)}
+
+
+# -- objects and activities -----------------------------------------------------------------------
+
+def note(urls: Urls, msg: Message, *, group_id: str, published: str, reply_to: str | None = None,
+         mention_names: Mapping[str, str] | None = None, followers: str | None = None,
+         updated: str | None = None) -> dict[str, Any]:
+    """A ``Note`` (``Page`` when the message has a title) posted to ``group_id``:
+    public, addressed to the group, ``audience`` the group (FEP-1b12)."""
+    author = person_url(urls, msg.author)
+    content = msg.html if msg.html and msg.html.strip() else plain_to_html(msg.text)
+    obj: dict[str, Any] = {
+        "id": urls.note(msg.id),
+        "type": "Page" if msg.title else "Note",
+        "attributedTo": author,
+        "content": content,
+        "published": published,
+        "to": [PUBLIC, group_id],
+        "cc": [followers] if followers else [],
+        "audience": group_id,
+        "url": urls.note(msg.id),
+    }
+    if msg.title:
+        obj["name"] = msg.title
+    if msg.language:
+        obj["contentMap"] = {msg.language: content}
+    if msg.warning or msg.sensitive:
+        obj["sensitive"] = True
+        if msg.warning:
+            obj["summary"] = msg.warning
+    if reply_to:
+        obj["inReplyTo"] = reply_to
+    tags = []
+    for m in msg.mentions:
+        href = person_url(urls, m)
+        name = (mention_names or {}).get(href) or display_name(m)
+        tags.append({"type": "Mention", "href": href, "name": f"@{name}"})
+        obj["cc"].append(href)
+    if tags:
+        obj["tag"] = tags
+    if msg.attachments:
+        obj["attachment"] = [attachment(a) for a in msg.attachments]
+    if updated:
+        obj["updated"] = updated
+    return obj
+
+
+def attachment(a: Attachment) -> dict[str, Any]:
+    image = a.media_type.startswith("image/")
+    doc: dict[str, Any] = {"type": "Image" if image else "Document", "mediaType": a.media_type, "url": a.url}
+    name = a.alt if image else a.name
+    if name:
+        doc["name"] = name
+    return doc
+
+
+def activity(kind: str, activity_id: str, actor: str, obj: Any, *, to: Sequence[str] = (),
+             cc: Sequence[str] = (), context: bool = True, **extra: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {"@context": CONTEXT} if context else {}
+    doc.update({"id": activity_id, "type": kind, "actor": actor, "object": obj})
+    if to:
+        doc["to"] = list(to)
+    if cc:
+        doc["cc"] = list(cc)
+    doc.update(extra)
+    return doc
+
+
+def tombstone(object_id: str, former_type: str = "Note") -> dict[str, Any]:
+    return {"id": object_id, "type": "Tombstone", "formerType": former_type}
+
+
+def announce(urls: Urls, group_name: str, inner: Mapping[str, Any], announce_id: str) -> dict[str, Any]:
+    """The group shares an activity with its followers (FEP-1b12): the inner
+    activity embedded (without its own ``@context``)."""
+    group = urls.group(group_name)
+    body = {k: v for k, v in inner.items() if k != "@context"}
+    return activity("Announce", announce_id, group, body, to=[PUBLIC], cc=[f"{group}/followers"], audience=group)

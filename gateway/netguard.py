@@ -1,0 +1,164 @@
+"""HTTP to addresses that other people chose, without becoming a way into the
+operator's own network (server-side request forgery).
+
+A linked site names an attachment URL; a fediverse server names a key, an
+actor, an inbox. ``GuardedSession`` fetches or posts to such URLs:
+
+* only ``http`` and ``https``;
+* every address a host name resolves to is checked (``address_allowed``) by
+  the connector's resolver, so the address checked is the address connected
+  to (no DNS rebinding between check and use); a literal IP address is
+  checked before connecting;
+* redirects are followed by hand, each hop checked again (and signed again,
+  when the caller signs requests), at most ``max_redirects``;
+* the body is read up to ``max_bytes`` while it streams, not trusted from
+  ``Content-Length``; a timeout bounds the whole exchange.
+
+Private, loopback, link-local, shared (CGNAT), benchmarking and IPv4-mapped
+forms of those addresses are refused unless the operator allows private
+addresses (tests, or peers on the same private network).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver
+from aiohttp.resolver import DefaultResolver
+from msgspec import Struct
+
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_EXTRA_BLOCKED = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("198.18.0.0/15"))
+
+
+class FetchError(Exception):
+    """The request could not be made or answered; ``transient`` if trying later may help."""
+
+    def __init__(self, message: str, *, transient: bool, status: int = 0) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.status = status
+
+
+class AddressRefused(OSError):
+    """A host name resolved only to addresses the gateway may not connect to."""
+
+
+class Fetched(Struct, frozen=True):
+    status: int
+    url: str
+    """The URL that answered (after redirects)."""
+    content_type: str
+    headers: dict[str, str]
+    body: bytes
+
+
+def address_allowed(address: str, *, allow_private: bool) -> bool:
+    """Whether the gateway may connect to ``address`` (an IP address as text)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
+    if ip.is_unspecified or ip.is_multicast:
+        return False
+    if ip.is_loopback or ip.is_private or ip.is_link_local or any(ip in n for n in _EXTRA_BLOCKED
+                                                                  if ip.version == n.version):
+        return allow_private
+    return not ip.is_reserved
+
+
+class _CheckingResolver(AbstractResolver):
+    def __init__(self, allow_private: bool) -> None:
+        self._inner = DefaultResolver()
+        self._allow_private = allow_private
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
+        found = await self._inner.resolve(host, port, family)
+        allowed = [a for a in found if address_allowed(a["host"], allow_private=self._allow_private)]
+        if not allowed:
+            raise AddressRefused(f"{host} resolves only to addresses the gateway may not connect to")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+Signer = Callable[[str, str, Mapping[str, str], bytes | None], Mapping[str, str]]
+"""(method, url, headers, body) -> headers to add, e.g. an HTTP signature."""
+
+
+class GuardedSession:
+    def __init__(self, *, allow_private: bool, timeout: float = 10.0, max_redirects: int = 3,
+                 user_agent: str = "civic-gateway", connections: int = 32) -> None:
+        self.allow_private = allow_private
+        self.timeout = timeout
+        self.max_redirects = max_redirects
+        self.user_agent = user_agent
+        self.connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(resolver=_CheckingResolver(self.allow_private), limit=self.connections,
+                                             enable_cleanup_closed=True)
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                                  timeout=aiohttp.ClientTimeout(total=self.timeout))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def check_url(self, url: str) -> None:
+        """``FetchError`` unless ``url`` is http(s) and, for a literal IP, an allowed address."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise FetchError(f"{url!r}: only http(s) URLs", transient=False)
+        try:
+            ipaddress.ip_address(parts.hostname)
+        except ValueError:
+            return  # a host name: the resolver checks its addresses
+        if not address_allowed(parts.hostname, allow_private=self.allow_private):
+            raise FetchError(f"{url}: the gateway may not connect to {parts.hostname}", transient=False)
+
+    async def request(self, method: str, url: str, *, max_bytes: int, body: bytes | None = None,
+                      headers: Mapping[str, str] | None = None, sign: Signer | None = None,
+                      follow_redirects: bool = True) -> Fetched:
+        """One exchange (redirects followed when asked); any status comes back,
+        ``FetchError`` only when there was no answer or it broke a limit."""
+        assert self._session is not None, "session not started"
+        for _ in range(self.max_redirects + 1):
+            self.check_url(url)
+            h = {"User-Agent": self.user_agent, **(headers or {})}
+            if sign is not None:
+                h.update(sign(method, url, h, body))
+            try:
+                async with self._session.request(method, url, data=body, headers=h, allow_redirects=False) as resp:
+                    if follow_redirects and resp.status in REDIRECTS and "Location" in resp.headers:
+                        url = urljoin(url, resp.headers["Location"])
+                        if resp.status == 303:
+                            method, body = "GET", None
+                        continue
+                    if resp.content_length is not None and resp.content_length > max_bytes:
+                        raise FetchError(f"{url}: {resp.content_length} bytes, more than {max_bytes}",
+                                         transient=False, status=413)
+                    data = await resp.content.read(max_bytes + 1)
+                    if len(data) > max_bytes:
+                        raise FetchError(f"{url}: more than {max_bytes} bytes", transient=False, status=413)
+                    return Fetched(status=resp.status, url=url, content_type=resp.content_type or "",
+                                   headers={k.lower(): v for k, v in resp.headers.items()}, body=data)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                refused = isinstance(exc, AddressRefused) or isinstance(getattr(exc, "os_error", None), AddressRefused)
+                raise FetchError(f"{method} {url}: {type(exc).__name__}: {exc}", transient=not refused) from None
+        raise FetchError(f"{url}: more than {self.max_redirects} redirects", transient=False)

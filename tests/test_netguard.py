@@ -1,0 +1,103 @@
+"""gateway/netguard.py: what the gateway refuses to connect to, and the limits
+it keeps, against a local HTTP server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from gateway.netguard import FetchError, GuardedSession, address_allowed
+from tests.services import free_port
+
+
+@pytest.mark.parametrize("address, public", [
+    ("8.8.8.8", True), ("2001:4860:4860::8888", True),
+    ("127.0.0.1", False), ("10.0.0.1", False), ("172.16.5.4", False), ("192.168.1.1", False),
+    ("169.254.169.254", False), ("100.64.0.1", False), ("198.18.0.1", False), ("::1", False),
+    ("fe80::1", False), ("fc00::1", False), ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False),
+    ("2002:7f00:1::", False),
+])
+def test_private_addresses_need_permission(address: str, public: bool) -> None:
+    assert address_allowed(address, allow_private=False) is public
+    assert address_allowed(address, allow_private=True) is True
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "224.0.0.1", "ff02::1", "not-an-ip"])
+def test_some_addresses_are_never_allowed(address: str) -> None:
+    assert address_allowed(address, allow_private=True) is False
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[str]:
+    port = free_port()
+
+    async def small(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * 100, content_type="text/plain")
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()  # no Content-Length: the limit must hold while streaming
+        await resp.prepare(request)
+        for _ in range(64):
+            await resp.write(b"y" * 1024)
+        return resp
+
+    async def hop(request: web.Request) -> web.Response:
+        raise web.HTTPFound(request.query["to"])
+
+    app = web.Application()
+    app.router.add_get("/small", small)
+    app.router.add_get("/big", big)
+    app.router.add_get("/hop", hop)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def session(allow_private: bool) -> GuardedSession:
+    s = GuardedSession(allow_private=allow_private, timeout=5)
+    await s.start()
+    return s
+
+
+async def test_loopback_is_refused_by_address_and_by_name_unless_allowed(server: str) -> None:
+    strict = await session(False)
+    try:
+        for url in (f"{server}/small", server.replace("127.0.0.1", "localhost") + "/small"):
+            with pytest.raises(FetchError) as err:
+                await strict.request("GET", url, max_bytes=1000)
+            assert err.value.transient is False, url
+    finally:
+        await strict.close()
+    lax = await session(True)
+    try:
+        got = await lax.request("GET", f"{server}/small", max_bytes=1000)
+        assert got.status == 200 and got.body == b"x" * 100
+    finally:
+        await lax.close()
+
+
+async def test_limits_hold_while_streaming_and_on_every_redirect(server: str) -> None:
+    s = await session(True)
+    try:
+        with pytest.raises(FetchError) as err:
+            await s.request("GET", f"{server}/big", max_bytes=10_000)
+        assert err.value.status == 413
+        got = await s.request("GET", f"{server}/hop?to=/small", max_bytes=1000)
+        assert got.url == f"{server}/small" and got.body == b"x" * 100
+        with pytest.raises(FetchError, match="0.0.0.0"):  # the second hop is checked too
+            await s.request("GET", f"{server}/hop?to=http://0.0.0.0:1/x", max_bytes=1000)
+        with pytest.raises(FetchError, match="redirects"):
+            await s.request("GET", f"{server}/hop?to=/hop%3Fto%3D/hop%253Fto%253D/hop%25253Fto%25253D/small",
+                            max_bytes=1000)
+        with pytest.raises(FetchError, match="only http"):
+            await s.request("GET", "file:///etc/passwd", max_bytes=1000)
+        signed: list[str] = []
+        await s.request("GET", f"{server}/hop?to=/small", max_bytes=1000,
+                        sign=lambda m, u, h, b: signed.append(u) or {"X-Sig": "1"})
+        assert signed == [f"{server}/hop?to=/small", f"{server}/small"]  # each hop signed anew
+    finally:
+        await s.close()
