@@ -90,6 +90,11 @@ class DeliveryResult(Struct, frozen=True):
 class IngestResult(Struct, frozen=True):
     accepted: int
     duplicates: int
+    outcomes: tuple[str, ...] = ()
+    """Per event, in order: "accepted" (relayed), "duplicate", or the reason it
+    was not relayed ("unlinked", "echo", "policy_ban", "banned", ...), for
+    adapters that act on what the gateway accepted (e.g. a hosted group
+    sharing a post with its followers only when it was relayed)."""
 
 
 Ingest = Callable[[Sequence[Inbound]], Awaitable[IngestResult]]

@@ -115,13 +115,16 @@ class Gateway:
         accepted = duplicates = 0
         counts: Counter[tuple[str, str, str]] = Counter()
         items = []
+        statuses = []
         for ev, out in zip(prepared, outcomes):
             if out.status == "duplicate":
                 duplicates += 1
                 counts["dropped", ev.platform, "duplicate"] += 1
+                statuses.append("duplicate")
                 continue
             accepted += 1
             counts["in", ev.platform, ev.type] += 1
+            statuses.append("accepted" if out.status == "accepted" else out.reason or "dropped")
             if out.status == "dropped":
                 counts["dropped", ev.platform, out.reason or "unknown"] += 1
             for reason in out.degraded:
@@ -140,7 +143,7 @@ class Gateway:
                 m.dropped.labels(a, b).inc(n)
             else:
                 m.degraded.labels(a).inc(n)
-        return IngestResult(accepted=accepted, duplicates=duplicates)
+        return IngestResult(accepted=accepted, duplicates=duplicates, outcomes=tuple(statuses))
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:

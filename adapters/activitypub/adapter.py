@@ -1,0 +1,603 @@
+"""The fediverse as groups (docs/activitypub.md): the gateway hosts ActivityPub
+``Group`` actors (FEP-1b12) that fediverse people follow to join and address
+to post, and shows the people of other platforms as ``Person`` actors.
+
+Pieces: ``signatures`` (HTTP signatures), ``remote`` (fetching documents with
+origin checks), ``decode``/``encode`` (pure translation), ``delivery`` (durable
+per-host queues). This module serves the routes and joins them.
+
+Inbox, in this order, before anything is stored or sent (each refusal is
+``401`` or ``403`` with the reason, counted in
+``civic_activitypub_refused_total{reason}``): body size and JSON depth; a
+signature present (draft-cavage or RFC 9421); the key fetched from its
+owner's actor document; the signature (and ``Digest`` / ``Content-Digest``
+over the raw body, and the ``Date`` window) verified; the same signature not
+seen before (a replay); the key's owner is the activity's ``actor``; the
+activity's id, and a created or updated object's id and author, on the
+actor's host. Then the activity is decoded and stored (the core deduplicates
+by activity id), and the answer is ``202``.
+
+All the gateway's actors share one RSA key, made at first start and kept in
+the store: they are all the gateway speaking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import msgspec
+import orjson
+from aiohttp import web
+from prometheus_client.core import CounterMetricFamily
+
+from adapters.activitypub import decode as dec
+from adapters.activitypub import encode as enc
+from adapters.activitypub import signatures as sig
+from adapters.activitypub.config import ActivityPubConfig
+from adapters.activitypub.delivery import HostQueues, OutItem
+from adapters.activitypub.remote import Remote, RemoteError, inbox_of, parse_json
+from gateway.adapter import Adapter, AdapterContext, Capabilities, Delivery, DeliveryResult, Inbound, Overloaded
+from gateway.errors import PermanentDeliveryError
+from gateway.netguard import GuardedSession
+from schemas.v1 import Actor, Membership, Message, MessageDeletion, ModerationAction, Reaction, Report
+
+log = logging.getLogger("civic.activitypub")
+
+AP_JSON = "application/activity+json"
+VERSION = "0.1.0"
+KEY = "key:rsa"
+SEEN_SIGNATURES = 100_000
+
+
+def now_iso(t: float | None = None) -> str:
+    return datetime.fromtimestamp(time.time() if t is None else t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def host(url: str) -> str:
+    return urlsplit(url).netloc.lower()
+
+
+class Refused(Exception):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class ActivityPubAdapter(Adapter):
+    kind = "activitypub"
+    Config = ActivityPubConfig
+
+    def __init__(self, ctx: AdapterContext) -> None:
+        super().__init__(ctx)
+        self.config: ActivityPubConfig = ctx.config
+        self.urls = enc.Urls(self.config.base_url)
+        self._caps = Capabilities(batch_max=20)
+        self.session = GuardedSession(allow_private=self.config.allow_private_addresses, timeout=self.config.timeout,
+                                      user_agent=f"civic-gateway/{VERSION} (+{self.config.base_url})")
+        self.remote = Remote(self.session, self._sign_get, max_body=self.config.max_body,
+                             max_depth=self.config.max_depth)
+        self.queues = HostQueues(ctx.state, self._post, leads=ctx.leads, retry_max_age=self.config.retry_max_age)
+        self.hosted = {g for g in ctx.groups if not g.startswith(("http://", "https://"))}
+        self._key: sig.PrivateKey | None = None
+        self._key_pem = ""
+        self._seen: OrderedDict[bytes, float] = OrderedDict()
+        self.refused: dict[str, int] = {}
+        self.received = 0
+        _collector(ctx.metrics.registry).adapters.add(self)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    async def start(self) -> None:
+        await self.session.start()
+        raw = await self.ctx.state.get_one(KEY)
+        if raw is None:  # first start: make the key, keep it (another node may race: reread after writing)
+            await self.ctx.state.put({KEY: sig.private_key_pem(sig.generate_rsa_key()).encode()})
+            raw = await self.ctx.state.get_one(KEY)
+        assert raw is not None
+        self._key = sig.load_private_key(raw.decode())
+        self._key_pem = sig.public_key_pem(self._key)
+        await self.queues.resume()
+
+    async def stop(self) -> None:
+        await self.queues.close()
+        await self.session.close()
+
+    # -- signing ----------------------------------------------------------------------------------------
+    def _sign_get(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None) -> Mapping[str, str]:
+        assert self._key is not None
+        return sig.sign_cavage(method, url, headers, body, self.urls.key_id(self.urls.instance), self._key, time.time())
+
+    async def _post(self, item: OutItem) -> int:
+        assert self._key is not None
+        key_id = self.urls.key_id(item.actor)
+        key = self._key
+
+        def sign(method: str, url: str, headers: Mapping[str, str], body: bytes | None) -> Mapping[str, str]:
+            return sig.sign_cavage(method, url, headers, body, key_id, key, time.time())
+
+        got = await self.session.request("POST", item.inbox, max_bytes=64 * 1024, body=item.body,
+                                         headers={"Content-Type": AP_JSON}, sign=sign, follow_redirects=False)
+        return got.status
+
+    # -- routes -------------------------------------------------------------------------------------------
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/.well-known/webfinger", self.webfinger),
+            web.get("/.well-known/nodeinfo", self.nodeinfo_links),
+            web.get("/nodeinfo/2.1", self.nodeinfo),
+            web.get("/ap/actor", self.instance_actor),
+            web.get("/ap/groups/{name}", self.group_actor),
+            web.get("/ap/groups/{name}/followers", self.collection),
+            web.get("/ap/groups/{name}/following", self.collection),
+            web.get("/ap/groups/{name}/outbox", self.collection),
+            web.get("/ap/people/{id}", self.person_actor),
+            web.get("/ap/people/{id}/{what:followers|following|outbox}", self.collection),
+            web.get("/ap/notes/{id}", self.note),
+            web.get("/ap/activities/{id}", self.activity_doc),
+            web.post("/ap/inbox", self.inbox),
+            web.post("/ap/actor/inbox", self.inbox),
+            web.post("/ap/groups/{name}/inbox", self.inbox),
+            web.post("/ap/people/{id}/inbox", self.inbox),
+        ]
+
+    @staticmethod
+    def _json(doc: Any, status: int = 200, content_type: str = AP_JSON) -> web.Response:
+        return web.Response(body=orjson.dumps(doc), status=status, content_type=content_type)
+
+    async def webfinger(self, request: web.Request) -> web.Response:
+        resource = request.query.get("resource", "")
+        name, _, domain = resource.removeprefix("acct:").lstrip("@").partition("@")
+        if domain.lower() != self.urls.host.lower():
+            return web.json_response({"error": "not a user of this server"}, status=404)
+        if name in self.hosted:
+            actor_id = self.urls.group(name)
+        elif name == self.urls.host:
+            actor_id = self.urls.instance
+        elif await self.ctx.state.get_one(f"person:{name}") is not None:
+            actor_id = self.urls.person(name)
+        else:
+            return web.json_response({"error": "no such account"}, status=404)
+        return self._json(enc.webfinger(f"acct:{name}@{domain}", actor_id), content_type="application/jrd+json")
+
+    async def nodeinfo_links(self, request: web.Request) -> web.Response:
+        return web.json_response({"links": [{"rel": "http://nodeinfo.diaspora.software/ns/schema/2.1",
+                                             "href": f"{self.urls.base}/nodeinfo/2.1"}]})
+
+    async def nodeinfo(self, request: web.Request) -> web.Response:
+        return web.json_response(enc.nodeinfo(VERSION))
+
+    async def instance_actor(self, request: web.Request) -> web.Response:
+        return self._json(enc.instance_actor(self.urls, self._key_pem))
+
+    async def group_actor(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self.hosted:
+            return web.json_response({"error": "no such group"}, status=404)
+        settings = self.config.groups.get(name)
+        return self._json(enc.group_actor(self.urls, name, self._key_pem, display=settings.name if settings else None,
+                                          summary=settings.summary if settings else None))
+
+    async def person_actor(self, request: web.Request) -> web.Response:
+        stand_in = request.match_info["id"]
+        raw = await self.ctx.state.get_one(f"person:{stand_in}")
+        if raw is None:
+            return web.json_response({"error": "no such person"}, status=404)
+        p = orjson.loads(raw)
+        return self._json(enc.person_actor(self.urls, Actor(stand_in, name=p.get("name"),
+                                                            identity=p.get("identity", "pseudonymous")),
+                                           self._key_pem))
+
+    async def collection(self, request: web.Request) -> web.Response:
+        # Members are not listed and nothing is counted (no engagement figures).
+        return self._json(enc.collection(str(request.url.with_query(None)).replace(
+            f"{request.url.scheme}://{request.url.host}" + (f":{request.url.port}" if request.url.port else ""),
+            self.urls.base, 1)))
+
+    async def note(self, request: web.Request) -> web.Response:
+        raw = await self.ctx.state.get_one(f"note:{unquote(request.match_info['id'])}")
+        if raw is None:
+            return web.json_response({"error": "no such note"}, status=404)
+        rec = orjson.loads(raw)
+        if rec.get("deleted"):
+            return self._json({"@context": enc.AS_CONTEXT, **enc.tombstone(rec["doc"]["id"])}, status=410)
+        return self._json({"@context": enc.CONTEXT, **rec["doc"]})
+
+    async def activity_doc(self, request: web.Request) -> web.Response:
+        raw = await self.ctx.state.get_one(f"act:{unquote(request.match_info['id'])}")
+        if raw is None:
+            return web.json_response({"error": "no such activity"}, status=404)
+        return web.Response(body=raw, content_type=AP_JSON)
+
+    # -- inbox ----------------------------------------------------------------------------------------------
+    async def inbox(self, request: web.Request) -> web.Response:
+        try:
+            activity, actor = await self._verified(request)
+        except Refused as exc:
+            self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+            log.info("refused an activity at %s: %s", request.path, exc)
+            return web.json_response({"error": str(exc), "reason": exc.reason}, status=exc.status)
+        self.received += 1
+        try:
+            await self._take(activity, actor)
+        except Refused as exc:
+            self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+            return web.json_response({"error": str(exc), "reason": exc.reason}, status=exc.status)
+        except Overloaded as exc:
+            return web.json_response({"error": str(exc)}, status=exc.status,
+                                     headers={"Retry-After": str(exc.retry_after)})
+        except dec.APDecodeError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({}, status=202)
+
+    async def _verified(self, request: web.Request) -> tuple[dict[str, Any], str]:
+        """The activity and its actor, once every check passed (``Refused`` otherwise)."""
+        if request.content_length is not None and request.content_length > self.config.max_body:
+            raise Refused(413, "too_large", f"body larger than {self.config.max_body} bytes")
+        body = await request.content.read(self.config.max_body + 1)
+        if len(body) > self.config.max_body:
+            raise Refused(413, "too_large", f"body larger than {self.config.max_body} bytes")
+        try:
+            activity = parse_json(body, self.config.max_depth)
+        except RemoteError as exc:
+            raise Refused(400, "bad_json", str(exc)) from None
+        if not isinstance(activity, dict) or not isinstance(dec.id_of(activity.get("actor")), str) \
+                or not isinstance(activity.get("id"), str):
+            raise Refused(400, "bad_activity", "an activity needs an id and an actor")
+        headers = {k: v for k, v in request.headers.items()}
+        try:
+            key_id = sig.key_id_of(headers)
+        except sig.SignatureError as exc:
+            raise Refused(401, "bad_signature", str(exc)) from None
+        if key_id is None:
+            raise Refused(401, "unsigned", "the request carries no HTTP signature")
+        try:
+            owner, public_key = await self.remote.key(key_id)
+        except RemoteError as exc:
+            raise Refused(401, "no_key", f"the signing key could not be had: {exc}") from None
+        now = time.time()
+        url = f"{self.urls.base}{request.path_qs}"
+        try:
+            if "signature-input" in {k.lower() for k in headers}:
+                verified = sig.verify_rfc9421(request.method, url, headers, body, public_key, now,
+                                              self.config.signature_window)
+                signature = verified.signature
+            else:
+                verified_c = sig.verify_cavage(request.method, request.path_qs, headers, body, public_key, now,
+                                               self.config.signature_window)
+                signature = verified_c.signature
+        except sig.SignatureError as exc:
+            raise Refused(401, exc.reason, f"signature refused: {exc}") from None
+        digest = hashlib.sha256(signature).digest()
+        if digest in self._seen:
+            raise Refused(401, "replayed", "this signed request was already received")
+        self._seen[digest] = now
+        while len(self._seen) > SEEN_SIGNATURES or (self._seen and next(iter(self._seen.values())) <
+                                                   now - 2 * self.config.signature_window):
+            self._seen.popitem(last=False)
+        actor = dec.id_of(activity.get("actor"))
+        assert actor is not None
+        if owner != actor:
+            raise Refused(401, "signer_not_actor", f"signed by {owner}, but the actor is {actor}")
+        self._check_origin(activity, actor)
+        return activity, actor
+
+    @staticmethod
+    def _check_origin(activity: Mapping[str, Any], actor: str) -> None:
+        """Ids on the actor's host (Bridgy Fed GHSA-37r7-jqmr-3472): an actor
+        cannot speak for objects of another server."""
+        if host(activity["id"]) != host(actor):
+            raise Refused(403, "foreign_id", f"activity id {activity['id']} is not on the actor's host")
+        obj = activity.get("object")
+        if dec.type_of(activity) in ("Create", "Update") and isinstance(obj, Mapping):
+            oid = dec.id_of(obj)
+            author = dec.id_of(obj.get("attributedTo")) or actor
+            if oid is None or host(oid) != host(actor) or author != actor:
+                raise Refused(403, "foreign_object", "a created or updated object must be the actor's own")
+
+    async def _take(self, activity: dict[str, Any], actor: str) -> None:
+        kind = dec.type_of(activity)
+        obj = activity.get("object")
+        obj_id = dec.id_of(obj)
+        groups: list[str] = []
+        extra: dict[str, Any] = {}
+        if kind == "Follow" or (kind == "Undo" and dec.type_of(obj) == "Follow"):
+            target = dec.id_of(obj.get("object")) if kind == "Undo" and isinstance(obj, Mapping) else obj_id
+            name = self._hosted_name(target)
+            if name is None:
+                return
+            groups = [name]
+            if kind == "Follow":
+                await self._follow(name, actor, activity)
+            else:
+                await self.ctx.state.put({f"follower:{name}:{actor}": None})
+        elif kind in ("Create", "Update"):
+            groups = [n for n in (self._hosted_name(i) for i in dec.audience(activity, obj if isinstance(
+                obj, Mapping) else None)) if n]
+        elif kind in ("Like", "EmojiReact", "Delete", "Remove", "Undo", "Flag"):
+            refs = [dec.id_of(o) for o in dec.as_list(obj)] if kind == "Flag" else [obj_id]
+            if kind == "Undo":
+                inner = obj if isinstance(obj, Mapping) else None
+                if inner is None and obj_id:
+                    raw = await self.ctx.state.get_one(f"react:{obj_id}")
+                    inner = orjson.loads(raw) if raw else None
+                extra["undone"] = inner
+                refs = [dec.id_of(inner.get("object"))] if inner else []
+            for ref in refs:
+                if ref is None:
+                    continue
+                rec = await self._note_record(ref)
+                if rec is not None:
+                    groups = [rec["group"]]
+                    if kind in ("Delete", "Remove"):
+                        extra["author_of"] = rec.get("author")
+                    break
+        elif kind == "Move":
+            groups = [g for g in self.hosted if await self.ctx.state.get_one(f"follower:{g}:{actor}")]
+            target = dec.id_of(activity.get("target"))
+            if target:
+                try:
+                    new = await self.remote.actor(target)
+                    extra["moved_to_alias"] = actor in [dec.id_of(a) for a in dec.as_list(new.get("alsoKnownAs"))]
+                except RemoteError as exc:
+                    log.info("Move to %s: %s", target, exc)
+                    extra["moved_to_alias"] = False
+        if not groups:
+            log.info("%s %s concerns no hosted group; ignored", kind, activity.get("id"))
+            return
+        decoded = dec.decode_activity(activity, platform=self.name, **extra)
+        if isinstance(decoded, dec.Ignored):
+            log.info("%s %s not carried: %s", kind, activity.get("id"), decoded.reason)
+            return
+        items = [msgspec.structs.replace(it, payload=await self._with_names(it.payload)) for it in decoded.items]
+        inbound = [Inbound(platform=self.name, group=g, event_id=it.event_id if len(groups) == 1 else
+                           f"{it.event_id}|{g}", type=it.type, payload=it.payload, time=time.time())
+                   for g in groups for it in items]
+        remember: dict[str, bytes | None] = {}
+        for it in decoded.items:
+            if it.type == "civic.message.created":
+                remember[f"rnote:{it.payload.id}"] = orjson.dumps({"group": groups[0], "author": actor})
+            if kind in ("Like", "EmojiReact"):
+                remember[f"react:{activity['id']}"] = orjson.dumps(
+                    {"type": kind, "actor": actor, "object": obj_id, "content": activity.get("content")})
+        if remember:
+            await self.ctx.state.put(remember)
+        result = await self.ctx.ingest(inbound)
+        if kind in ("Create", "Update", "Delete", "Like", "EmojiReact", "Undo"):
+            for g, (item, outcome) in zip([g for g in groups for _ in decoded.items],
+                                          zip(inbound, result.outcomes or ("accepted",) * len(inbound))):
+                if outcome == "accepted":
+                    await self._announce(g, activity, exclude=actor)
+
+    async def _with_names(self, payload: Any) -> Any:
+        """Fediverse people in ``payload`` with their display name (activities
+        name only actor ids): from their actor document (cached)."""
+        changes = {}
+        for field in ("author", "by", "member", "actor"):
+            actor = getattr(payload, field, None)
+            if isinstance(actor, Actor) and actor.name is None and actor.id.startswith(("https://", "http://")) \
+                    and actor.identity != "anonymous" and not self.urls.owns(actor.id):
+                try:
+                    doc = await self.remote.actor(actor.id)
+                except RemoteError:
+                    continue
+                name = doc.get("name") or doc.get("preferredUsername")
+                if isinstance(name, str) and name.strip():
+                    changes[field] = Actor(actor.id, name=name.strip()[:256], identity=actor.identity)
+        return msgspec.structs.replace(payload, **changes) if changes else payload
+
+    def _hosted_name(self, url: str | None) -> str | None:
+        if not url or not url.startswith(self.urls.base + "/ap/groups/"):
+            return None
+        name = unquote(url[len(self.urls.base + "/ap/groups/"):])
+        return name if name in self.hosted else None
+
+    async def _note_record(self, note_id: str) -> dict[str, Any] | None:
+        if self.urls.owns(note_id) and "/ap/notes/" in note_id:
+            raw = await self.ctx.state.get_one(f"note:{unquote(note_id.rsplit('/', 1)[1])}")
+            if raw:
+                rec = orjson.loads(raw)
+                return {"group": rec["group"], "author": rec["doc"].get("attributedTo")}
+            return None
+        raw = await self.ctx.state.get_one(f"rnote:{note_id}")
+        return orjson.loads(raw) if raw else None
+
+    async def _follow(self, name: str, actor: str, follow: Mapping[str, Any]) -> None:
+        """Record the follower and answer ``Accept`` (open groups: everyone may join)."""
+        try:
+            doc = await self.remote.actor(actor)
+        except RemoteError as exc:
+            raise Refused(401, "no_actor", f"the follower's actor document could not be had: {exc}") from None
+        inbox = dec.id_of(doc.get("inbox"))
+        shared = inbox_of(doc)
+        await self.ctx.state.put({f"follower:{name}:{actor}": orjson.dumps({"inbox": inbox, "shared": shared})})
+        group = self.urls.group(name)
+        accept = enc.activity("Accept", self.urls.activity(hashlib.sha256(follow["id"].encode()).hexdigest()[:32],
+                                                           "#accept"), group,
+                              {"id": follow["id"], "type": "Follow", "actor": actor, "object": group}, to=[actor])
+        await self.queues.enqueue([OutItem(inbox=inbox or shared or actor, body=orjson.dumps(accept), actor=group,
+                                           created=time.time())])
+
+    async def _follower_inboxes(self, name: str, exclude: str | None = None) -> list[str]:
+        """The inboxes of a hosted group's followers (but ``exclude``), one per
+        server where it has a shared inbox."""
+        rows = await self.ctx.state.scan(f"follower:{name}:", limit=100_000)
+        out: dict[str, None] = {}
+        for key, raw in rows:
+            if key.split(":", 2)[2] == exclude:
+                continue
+            rec = orjson.loads(raw)
+            inbox = rec.get("shared") or rec.get("inbox")
+            if inbox:
+                out.setdefault(inbox)
+        return list(out)
+
+    async def _announce(self, name: str, inner: Mapping[str, Any], *, exclude: str | None = None,
+                        also: Sequence[str] = ()) -> None:
+        """The group shares ``inner`` with every follower (FEP-1b12)."""
+        announce_id = self.urls.activity(hashlib.sha256(f"{name}|{inner['id']}".encode()).hexdigest()[:32],
+                                         "#announce")
+        body = orjson.dumps(enc.announce(self.urls, name, inner, announce_id))
+        group = self.urls.group(name)
+        now = time.time()
+        inboxes = await self._follower_inboxes(name, exclude)
+        inboxes += [i for i in also if i not in inboxes]
+        await self.queues.enqueue([OutItem(inbox=i, body=body, actor=group, created=now) for i in inboxes])
+
+    # -- deliver (the core's events into hosted groups) -------------------------------------------------------
+    async def deliver(self, batch: Sequence[Delivery]) -> DeliveryResult:
+        ids: dict[str, str] = {}
+        for d in batch:
+            if d.group not in self.hosted:
+                raise PermanentDeliveryError(f"group {d.group!r}: joining remote groups is not built yet")
+            ids.update(await self._deliver(d))
+        return DeliveryResult(ids=ids)  # type: ignore[arg-type]
+
+    async def _deliver(self, d: Delivery) -> dict[str, str]:
+        p, group = d.payload, self.urls.group(d.group)
+        if isinstance(p, Message):
+            await self._remember_person(p.author)
+            author = enc.person_url(self.urls, p.author)
+            reply = p.reply_to if p.reply_to and p.reply_to.startswith(("http://", "https://")) else None
+            edited = d.type == "civic.message.edited"
+            note_key = p.id
+            if edited:
+                if not self.urls.owns(p.id):
+                    raise PermanentDeliveryError(f"edit of {p.id}, which the gateway did not post")
+                note_key = unquote(p.id.rsplit("/", 1)[1])
+            note = enc.note(self.urls, _with_id(p, note_key), group_id=group, published=now_iso(d.time),
+                            reply_to=reply, followers=f"{group}/followers",
+                            updated=now_iso() if edited else None)
+            kind = "Update" if edited else "Create"
+            act_id = self.urls.activity(d.event_id)
+            act = enc.activity(kind, act_id, author, note, to=note["to"], cc=note["cc"])
+            await self.ctx.state.put({f"note:{note_key}": orjson.dumps({"group": d.group, "doc": note}),
+                                      f"act:{d.event_id}": orjson.dumps(act)})
+            await self._announce(d.group, act)
+            return {} if edited else {p.id: note["id"]}
+        if isinstance(p, MessageDeletion):
+            rec = await self._note_record(p.id)
+            if self.urls.owns(p.id):
+                key = f"note:{unquote(p.id.rsplit('/', 1)[1])}"
+                raw = await self.ctx.state.get_one(key)
+                if raw:
+                    saved = orjson.loads(raw)
+                    saved["deleted"] = True
+                    await self.ctx.state.put({key: orjson.dumps(saved)})
+                actor = rec["author"] if rec else group
+            else:
+                actor = group  # a fediverse post removed elsewhere: the group takes it out
+            act = enc.activity("Delete", self.urls.activity(d.event_id), actor, enc.tombstone(p.id), to=[enc.PUBLIC])
+            await self._announce(d.group, act)
+            return {}
+        if isinstance(p, Reaction):
+            await self._remember_person(p.author)
+            author = enc.person_url(self.urls, p.author)
+            like_id = self.urls.activity(hashlib.sha256(f"{author}|{p.message}|{p.key}".encode()).hexdigest()[:32],
+                                         "#react")
+            kind = "Like" if p.key in (dec.LIKE_KEY, "❤️", "⭐") else "EmojiReact"
+            like = enc.activity(kind, like_id, author, p.message, context=False,
+                                **({"content": p.key} if kind == "EmojiReact" else {}))
+            if d.type == "civic.reaction.removed":
+                act = enc.activity("Undo", self.urls.activity(d.event_id), author, like)
+            else:
+                act = {"@context": enc.CONTEXT, **like}
+            await self._announce(d.group, act)
+            return {}
+        if isinstance(p, Membership) and p.state in ("kicked", "banned") and p.member.id.startswith("http"):
+            await self.ctx.state.put({f"follower:{d.group}:{p.member.id}": None})
+            if p.state == "banned":
+                act = enc.activity("Block", self.urls.activity(d.event_id), group, p.member.id,
+                                   summary=p.reason or None)
+                await self._announce(d.group, act, also=await self._inboxes_of(p.member.id))
+            return {}
+        if isinstance(p, ModerationAction) and p.action == "remove_message" and p.message:
+            act = enc.activity("Delete", self.urls.activity(d.event_id), group, enc.tombstone(p.message),
+                               to=[enc.PUBLIC], summary=p.reason or None)
+            await self._announce(d.group, act)
+            return {}
+        if isinstance(p, Report):
+            await self._flag(d, p)
+            return {}
+        self.ctx.metrics.degraded.labels(f"activitypub_{d.type.removeprefix('civic.')}_not_carried").inc()
+        return {}
+
+    async def _inboxes_of(self, actor: str) -> list[str]:
+        try:
+            doc = await self.remote.actor(actor)
+        except RemoteError:
+            return []
+        inbox = inbox_of(doc, shared=False)
+        return [inbox] if inbox else []
+
+    async def _flag(self, d: Delivery, r: Report) -> None:
+        """A report goes from the instance actor (the reporter stays unnamed) to
+        the server of the reported person or post."""
+        objects = [o for o in (r.member.id if r.member else None, r.message) if o and o.startswith("http")]
+        if not objects:
+            return
+        inboxes = await self._inboxes_of(r.member.id) if r.member and r.member.id.startswith("http") else []
+        if not inboxes and r.message:
+            rec = await self._note_record(r.message)
+            if rec and rec.get("author"):
+                inboxes = await self._inboxes_of(rec["author"])
+        act = enc.activity("Flag", self.urls.activity(d.event_id), self.urls.instance, objects,
+                           content=(r.category.replace("_", " ") + (f": {r.text}" if r.text else "")))
+        await self.queues.enqueue([OutItem(inbox=i, body=orjson.dumps(act), actor=self.urls.instance,
+                                           created=time.time()) for i in inboxes])
+
+    async def _remember_person(self, actor: Actor) -> None:
+        """Keep what the ``Person`` document of a person from elsewhere shows (their
+        name as their identity level allows), so that it can be served."""
+        if actor.id.startswith(("http://", "https://")):
+            return
+        rec = orjson.dumps({"name": enc.display_name(actor), "identity": actor.identity})
+        key = f"person:{actor.id}"
+        if await self.ctx.state.get_one(key) != rec:
+            await self.ctx.state.put({key: rec})
+
+
+def _with_id(msg: Message, note_key: str) -> Message:
+    return msgspec.structs.replace(msg, id=note_key)
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.adapters: weakref.WeakSet[ActivityPubAdapter] = weakref.WeakSet()
+
+    def collect(self) -> Any:
+        refused = CounterMetricFamily("civic_activitypub_refused", "Inbox requests refused, by reason.",
+                                      labels=["platform", "reason"])
+        received = CounterMetricFamily("civic_activitypub_received", "Inbox requests that passed every check.",
+                                       labels=["platform"])
+        out = CounterMetricFamily("civic_activitypub_deliveries", "Deliveries to inboxes, by outcome.",
+                                  labels=["platform", "outcome"])
+        for a in list(self.adapters):
+            received.add_metric([a.name], a.received)
+            for reason, n in sorted(a.refused.items()):
+                refused.add_metric([a.name, reason], n)
+            c = a.queues.counts
+            for outcome in ("delivered", "retried", "dropped", "expired"):
+                out.add_metric([a.name, outcome], getattr(c, outcome))
+        yield from (refused, received, out)
+
+
+_COLLECTORS: "weakref.WeakKeyDictionary[Any, _Collector]" = weakref.WeakKeyDictionary()
+
+
+def _collector(registry: Any) -> _Collector:
+    found = _COLLECTORS.get(registry)
+    if found is None:
+        found = _COLLECTORS[registry] = _Collector()
+        registry.register(found)
+    return found

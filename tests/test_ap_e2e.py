@@ -1,0 +1,254 @@
+"""The ActivityPub adapter end to end: a real Fedify peer (Persons alice, bob,
+carol), the gateway in this process hosting the group "club", linked to a
+webhook site. Fedify's blocking helpers run in threads, so the gateway keeps
+answering Fedify (which fetches keys and documents from it) meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from adapters.activitypub import signatures as sig
+from gateway.app import Gateway
+from gateway.config import parse
+from tests.fedify import Fedify, ensure_fedify_shown
+from tests.services import free_port
+from tests.sitekit import Sender, Site, new_secret, wait_for
+
+
+@pytest.fixture(scope="module")
+def fedify(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Fedify]:
+    ensure_fedify_shown(pytestconfig)
+    with Fedify(tmp_path_factory.mktemp("fedify"), persons=("alice", "bob", "carol")) as peer:
+        yield peer
+
+
+@dataclass
+class Net:
+    gw: Gateway
+    base: str
+    site: Site
+    sender: Sender
+    fedify: Fedify
+
+    @property
+    def group(self) -> str:
+        return f"{self.base}/ap/groups/club"
+
+    async def f(self, method: str, *args: Any, **kw: Any) -> Any:
+        return await asyncio.to_thread(getattr(self.fedify, method), *args, **kw)
+
+    def site_events(self, etype: str) -> list[dict[str, Any]]:
+        return self.site.of_type(etype)
+
+
+@pytest.fixture
+async def net(fedify: Fedify, tmp_path: Path) -> AsyncIterator[Net]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    site = Site("site", new_secret(), prefix="s-")
+    await site.start()
+    text = (f'[gateway]\nlisten = "127.0.0.1:{port}"\ndatabase = "{tmp_path}/gw.db"\nlog_format = "text"\n'
+            f'retry_max_delay = 0.5\n[platforms.fedi]\nkind = "activitypub"\nbase_url = "{base}"\n'
+            f'allow_private_addresses = true\n[platforms.fedi.groups.club]\nname = "The Club"\n'
+            + site.config(batch_max=1)
+            + '[[links]]\nname = "l"\ngroups = [{platform = "fedi", group = "club"}, {platform = "site", group = "g"}]\n')
+    gw = Gateway(parse(text, "test.toml"))
+    await gw.start()
+    await gw.serve("127.0.0.1", port)
+    sender = Sender(base, "site", site.secret)
+    await asyncio.to_thread(fedify.clear_log)
+    try:
+        yield Net(gw, base, site, sender, fedify)
+    finally:
+        await sender.close()
+        if gw._runner is not None:
+            await gw._runner.cleanup()
+        await gw.stop()
+        await site.stop()
+
+
+async def join(net: Net, *people: str) -> None:
+    for who in people:
+        await net.f("follow", who, net.group)
+    await wait_for(lambda: len([e for e in net.site_events("civic.membership.changed")
+                                if e["data"]["state"] == "joined"]) >= len(people), timeout=15, what="joins at the site")
+
+
+async def test_the_group_is_discoverable_and_counts_nothing(net: Net) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{net.base}/.well-known/webfinger",
+                         params={"resource": f"acct:club@127.0.0.1:{net.base.rsplit(':', 1)[1]}"}) as r:
+            assert r.status == 200 and (await r.json(content_type=None))["links"][0]["href"] == net.group
+        async with s.get(net.group, headers={"Accept": "application/activity+json"}) as r:
+            actor = await r.json(content_type=None)
+            assert r.content_type == "application/activity+json"
+            assert actor["type"] == "Group" and actor["name"] == "The Club"
+            assert actor["publicKey"]["owner"] == net.group and "BEGIN PUBLIC KEY" in actor["publicKey"]["publicKeyPem"]
+        async with s.get(actor["followers"]) as r:
+            assert "totalItems" not in await r.json(content_type=None)
+        async with s.get(f"{net.base}/nodeinfo/2.1") as r:
+            info = await r.json()
+            assert info["protocols"] == ["activitypub"] and info["usage"] == {"users": {}}
+    looked = await net.f("lookup", net.group)  # Fedify itself can read the group
+    assert looked["type"] == "Group"
+
+
+async def test_fediverse_people_join_and_post_and_the_group_announces(net: Net) -> None:
+    await join(net, "alice", "bob")
+    following = await net.f("following", "alice")
+    assert any(f["target"] == net.group and f["accepted"] for f in following)
+    joined = {e["data"]["member"]["name"] for e in net.site_events("civic.membership.changed")}
+    assert joined == {"alice (fedify peer)", "bob (fedify peer)"}  # their names; their ids are stand-ins
+
+    note = await net.f("note", "alice", "<p>Hello <b>club</b></p>", to=["Public", net.group],
+                       summary="about health", sensitive=True)
+    got = (await _until(lambda: net.site_events("civic.message.created"), "alice's note at the site"))[0]["data"]
+    assert got["text"] == "Hello club" and got["html"] == "<p>Hello <b>club</b></p>"
+    assert got["warning"] == "about health" and got["sensitive"] is True
+    site_id = net.site.own_ids[got["id"]]
+
+    # bob gets it from the group, as an Announce of alice's Create
+    entry = await asyncio.to_thread(net.fedify.wait_for, "bob", "Announce",
+                                    lambda e: note["id"] in orjson.dumps(e["activity"]).decode(), timeout=15)
+    assert entry["verified"] and entry["sender"] == net.group
+
+    # the site replies: alice gets the group's Announce of a Create by the site person's Person actor
+    await net.sender.send([net.sender.event("civic.message.created", "g", {
+        "id": "r-1", "author": {"id": "dirk", "name": "Dirk"}, "text": "welcome!", "reply_to": site_id,
+        "warning": "mild"})])
+    entry = await asyncio.to_thread(net.fedify.wait_for, "alice", "Announce",
+                                    lambda e: "welcome!" in orjson.dumps(e["activity"]).decode(), timeout=15)
+    inner = entry["activity"]["object"]
+    obj = inner["object"]
+    assert entry["verified"] and inner["type"] == "Create" and obj["inReplyTo"] == note["id"]
+    assert obj["summary"] == "mild" and obj["sensitive"] is True
+    person = await net.f("lookup", obj["attributedTo"])
+    assert person["type"] == "Person" and person["name"] == "Dirk"
+
+    # alice likes it, edits and deletes her own note: each reaches the site with the site's ids
+    await net.f("like", "alice", obj["id"], to=[net.group])
+    reaction = (await _until(lambda: net.site_events("civic.reaction.added"), "the like"))[0]["data"]
+    assert reaction["message"] == "r-1" and reaction["key"] == "👍"  # the site's own id of its message
+    await net.f("update", "alice", note["id"], "<p>Hello club, edited</p>")
+    edit = (await _until(lambda: net.site_events("civic.message.edited"), "the edit"))[0]["data"]
+    assert edit["id"] == site_id and edit["text"] == "Hello club, edited"
+    await net.f("delete", "alice", note["id"])
+    deleted = (await _until(lambda: net.site_events("civic.message.deleted"), "the deletion"))[0]["data"]
+    assert deleted["id"] == site_id
+
+
+async def test_a_flag_and_a_move_arrive(net: Net) -> None:
+    await join(net, "alice")
+    note = await net.f("note", "alice", "<p>report me</p>", to=["Public", net.group])
+    await _until(lambda: net.site_events("civic.message.created"), "the note")
+    await net.f("flag", "bob", [net.fedify.actor_url("alice"), note["id"]], "spam", to=[net.group])
+    report = (await _until(lambda: net.site_events("civic.report.filed"), "the report"))[0]["data"]
+    assert report["text"] == "spam" and report["message"] == net.site.own_ids[
+        net.site_events("civic.message.created")[0]["data"]["id"]]
+
+    await net.f("also_known_as", "carol", [net.fedify.actor_url("alice")])
+    await net.f("move", "alice", net.fedify.actor_url("carol"), to=[net.group])
+    moved = (await _until(lambda: net.site_events("civic.account.moved"), "the move"))[0]["data"]
+    assert moved["target"]["id"] == net.fedify.actor_url("carol") and moved["target"]["platform"] == "fedi"
+
+
+# -- the inbox refuses before anything is stored -------------------------------------------------------
+
+class Impostor:
+    """An actor of our own on a local server, to sign requests Fedify would never send."""
+
+    def __init__(self) -> None:
+        from aiohttp import web
+
+        self.key = sig.generate_rsa_key()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/users/mallory"
+        self.app = web.Application()
+
+        async def actor(request: web.Request) -> web.Response:
+            return web.Response(body=orjson.dumps({
+                "@context": ["https://www.w3.org/ns/activitystreams", "https://w3id.org/security/v1"],
+                "id": self.url, "type": "Person", "inbox": self.url + "/inbox", "preferredUsername": "mallory",
+                "publicKey": {"id": self.url + "#main-key", "owner": self.url,
+                              "publicKeyPem": sig.public_key_pem(self.key)}}), content_type="application/activity+json")
+        self.app.router.add_get("/users/mallory", actor)
+        self.runner = web.AppRunner(self.app)
+
+    async def __aenter__(self) -> "Impostor":
+        from aiohttp import web
+
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.cleanup()
+
+    def signed(self, url: str, body: bytes, key_id: str | None = None, now: float | None = None) -> dict[str, str]:
+        headers = {"Content-Type": "application/activity+json"}
+        headers.update(sig.sign_cavage("POST", url, headers, body, key_id or self.url + "#main-key", self.key,
+                                       now or time.time()))
+        return headers
+
+
+async def test_unsigned_forged_replayed_tampered_and_spoofed_activities_are_refused(net: Net) -> None:
+    inbox = f"{net.group}/inbox"
+
+    def create(actor: str, oid: str, text: str, act_id: str | None = None) -> bytes:
+        return orjson.dumps({"@context": "https://www.w3.org/ns/activitystreams", "id": act_id or oid + "#create",
+                             "type": "Create", "actor": actor, "to": ["https://www.w3.org/ns/activitystreams#Public",
+                                                                      net.group],
+                             "object": {"id": oid, "type": "Note", "attributedTo": actor, "content": text,
+                                        "to": ["https://www.w3.org/ns/activitystreams#Public", net.group]}})
+
+    async with Impostor() as evil, aiohttp.ClientSession() as s:
+        async def post(body: bytes, headers: dict[str, str]) -> tuple[int, str]:
+            async with s.post(inbox, data=body, headers=headers) as r:
+                return r.status, (await r.json(content_type=None)).get("reason", "")
+
+        mine = create(evil.url, evil.url.replace("/users/mallory", "/notes/1"), "mine")
+        ok = evil.signed(inbox, mine)
+        assert await post(mine, ok) == (202, "")
+        assert await post(mine, ok) == (401, "replayed")
+        assert (await post(mine, {"Content-Type": "application/activity+json"}))[0] == 401
+        tampered = mine.replace(b"mine", b"evil")
+        assert await post(tampered, {**evil.signed(inbox, mine), "Digest": evil.signed(inbox, mine)["Digest"]}) \
+            == (401, "bad_digest")
+        old = evil.signed(inbox, create(evil.url, evil.url.replace("mallory", "n2"), "old"), now=time.time() - 7200)
+        assert (await post(create(evil.url, evil.url.replace("mallory", "n2"), "old"), old)) == (401, "expired")
+        # signed by mallory, claiming to be alice: the signer is not the actor
+        alice = net.fedify.actor_url("alice")
+        spoof = create(alice, alice + "/notes/spoof", "I am alice")
+        assert await post(spoof, evil.signed(inbox, spoof)) == (401, "signer_not_actor")
+        # mallory's own activity about an object on alice's server
+        foreign = create(evil.url, alice + "/notes/x", "not mine", act_id=evil.url + "/activities/1")
+        assert await post(foreign, evil.signed(inbox, foreign)) == (403, "foreign_object")
+        # a keyId pointing at alice's key, with mallory's signature
+        forged = create(alice, alice + "/notes/f", "forged")
+        assert (await post(forged, evil.signed(inbox, forged, key_id=alice + "#main-key")))[0] == 401
+
+    await asyncio.sleep(0.5)
+    texts = [e["data"]["text"] for e in net.site_events("civic.message.created")]
+    assert texts == ["mine"]  # only the one genuine activity, once
+    metrics = net.gw.metrics.render().decode()
+    for reason in ("replayed", "unsigned", "bad_digest", "expired", "signer_not_actor", "foreign_object"):
+        assert f'reason="{reason}"' in metrics, reason
+
+
+async def _until(fn: Any, what: str, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
