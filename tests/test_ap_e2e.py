@@ -252,3 +252,60 @@ async def _until(fn: Any, what: str, timeout: float = 15.0) -> Any:
             return value
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- the gateway as a member of a group hosted elsewhere -----------------------------------------------
+
+@pytest.fixture
+async def joined(fedify: Fedify, tmp_path: Path) -> AsyncIterator[Net]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    club = fedify.group_url("club")
+    site = Site("site", new_secret(), prefix="s-")
+    await site.start()
+    text = (f'[gateway]\nlisten = "127.0.0.1:{port}"\ndatabase = "{tmp_path}/gw.db"\nlog_format = "text"\n'
+            f'retry_max_delay = 0.5\n[platforms.fedi]\nkind = "activitypub"\nbase_url = "{base}"\n'
+            f'allow_private_addresses = true\n' + site.config(batch_max=1)
+            + f'[[links]]\nname = "l"\ngroups = [{{platform = "fedi", group = "{club}"}}, '
+              f'{{platform = "site", group = "g"}}]\n')
+    gw = Gateway(parse(text, "test.toml"))
+    await gw.start()
+    await gw.serve("127.0.0.1", port)
+    sender = Sender(base, "site", site.secret)
+    await asyncio.to_thread(fedify.clear_log)
+    try:
+        yield Net(gw, base, site, sender, fedify)
+    finally:
+        await sender.close()
+        if gw._runner is not None:
+            await gw._runner.cleanup()
+        await gw.stop()
+        await site.stop()
+
+
+async def test_the_gateway_joins_a_remote_group_and_takes_part_both_ways(joined: Net) -> None:
+    net, club = joined, joined.fedify.group_url("club")
+    instance = f"{net.base}/ap/actor"
+    await _until(lambda: instance in net.fedify.followers("club"), "the gateway following the club")
+    await net.f("follow", "alice", club)
+
+    note = await net.f("note", "alice", "<p>From the club</p>", to=["Public", club], summary="long read",
+                       audience=club)
+    got = (await _until(lambda: net.site_events("civic.message.created"), "the club's post at the site"))[0]["data"]
+    assert got["text"] == "From the club" and got["warning"] == "long read"
+    assert got["author"]["name"] == "alice (fedify peer)"
+
+    status, _ = await net.sender.send([net.sender.event("civic.message.created", "g", {
+        "id": "erik-1", "author": {"id": "erik", "name": "Erik"}, "text": "hello from the site",
+        "reply_to": net.site.own_ids[got["id"]], "warning": "spoilers"})])
+    assert status == 202
+    entry = await asyncio.to_thread(net.fedify.wait_for, "alice", "Announce",
+                                    lambda e: "hello from the site" in orjson.dumps(e["activity"]).decode(),
+                                    timeout=15)
+    inner = entry["activity"]["object"]
+    assert entry["verified"] and entry["sender"] == club
+    assert inner["type"] == "Create" and inner["object"]["inReplyTo"] == note["id"]
+    assert inner["object"]["summary"] == "spoilers" and inner["actor"].startswith(net.base + "/ap/people/")
+    # the club shared the gateway's post back with the gateway too: not taken in again
+    await asyncio.sleep(0.5)
+    assert [e["data"]["text"] for e in net.site_events("civic.message.created")] == ["From the club"]

@@ -23,6 +23,7 @@ the store: they are all the gateway speaking.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -45,8 +46,9 @@ from adapters.activitypub.config import ActivityPubConfig
 from adapters.activitypub.delivery import HostQueues, OutItem
 from adapters.activitypub.remote import Remote, RemoteError, inbox_of, parse_json
 from gateway.adapter import Adapter, AdapterContext, Capabilities, Delivery, DeliveryResult, Inbound, Overloaded
-from gateway.errors import PermanentDeliveryError
+from gateway.errors import PermanentDeliveryError, TransientDeliveryError
 from gateway.netguard import GuardedSession
+from gateway.tasks import TaskGroup
 from schemas.v1 import Actor, Membership, Message, MessageDeletion, ModerationAction, Reaction, Report
 
 log = logging.getLogger("civic.activitypub")
@@ -87,6 +89,8 @@ class ActivityPubAdapter(Adapter):
                              max_depth=self.config.max_depth)
         self.queues = HostQueues(ctx.state, self._post, leads=ctx.leads, retry_max_age=self.config.retry_max_age)
         self.hosted = {g for g in ctx.groups if not g.startswith(("http://", "https://"))}
+        self.remote_groups = {g for g in ctx.groups if g.startswith(("http://", "https://"))}
+        self._tasks = TaskGroup()
         self._key: sig.PrivateKey | None = None
         self._key_pem = ""
         self._seen: OrderedDict[bytes, float] = OrderedDict()
@@ -108,8 +112,11 @@ class ActivityPubAdapter(Adapter):
         self._key = sig.load_private_key(raw.decode())
         self._key_pem = sig.public_key_pem(self._key)
         await self.queues.resume()
+        for url in sorted(self.remote_groups):
+            self._tasks.spawn(self._join_remote(url), f"ap-join-{url}")
 
     async def stop(self) -> None:
+        await self._tasks.close()
         await self.queues.close()
         await self.session.close()
 
@@ -307,6 +314,25 @@ class ActivityPubAdapter(Adapter):
 
     async def _take(self, activity: dict[str, Any], actor: str) -> None:
         kind = dec.type_of(activity)
+        if kind in ("Accept", "Reject") and actor in self.remote_groups:
+            state = "accepted" if kind == "Accept" else "rejected"
+            raw = await self.ctx.state.get_one(f"joined:{actor}")
+            rec = orjson.loads(raw) if raw else {}
+            follow = dec.id_of(activity.get("object"))
+            if follow == rec.get("follow"):
+                await self.ctx.state.put({f"joined:{actor}": orjson.dumps({**rec, "state": state})})
+                (log.info if state == "accepted" else log.warning)("the remote group %s %s the gateway", actor,
+                                                                  state)
+            return
+        if kind == "Announce" and actor in self.remote_groups:
+            inner, inner_actor = await self._from_remote_group(actor, activity)
+            if self.urls.owns(inner_actor):
+                return  # the group sharing what the gateway posted: an echo
+            await self._take_in(inner, inner_actor, [actor], dec.type_of(inner))
+            return
+        await self._route(activity, actor, kind)
+
+    async def _route(self, activity: dict[str, Any], actor: str, kind: str | None) -> None:
         obj = activity.get("object")
         obj_id = dec.id_of(obj)
         groups: list[str] = []
@@ -355,7 +381,20 @@ class ActivityPubAdapter(Adapter):
         if not groups:
             log.info("%s %s concerns no hosted group; ignored", kind, activity.get("id"))
             return
-        decoded = dec.decode_activity(activity, platform=self.name, **extra)
+        await self._take_in(activity, actor, groups, kind, **extra)
+
+    async def _take_in(self, activity: dict[str, Any], actor: str, groups: list[str], kind: str | None,
+                       **extra: Any) -> None:
+        obj_id = dec.id_of(activity.get("object"))
+        if kind in ("Delete", "Remove") and "author_of" not in extra and obj_id:
+            rec = await self._note_record(obj_id)
+            if rec is not None:
+                extra["author_of"] = rec.get("author")
+        if kind == "Undo" and not isinstance(activity.get("object"), Mapping) and obj_id:
+            raw = await self.ctx.state.get_one(f"react:{obj_id}")
+            extra["undone"] = orjson.loads(raw) if raw else None
+        decoded = dec.decode_activity(activity, platform=self.name, require_public=groups[0] in self.hosted
+                                      or not groups[0].startswith("http"), **extra)
         if isinstance(decoded, dec.Ignored):
             log.info("%s %s not carried: %s", kind, activity.get("id"), decoded.reason)
             return
@@ -374,9 +413,9 @@ class ActivityPubAdapter(Adapter):
             await self.ctx.state.put(remember)
         result = await self.ctx.ingest(inbound)
         if kind in ("Create", "Update", "Delete", "Like", "EmojiReact", "Undo"):
-            for g, (item, outcome) in zip([g for g in groups for _ in decoded.items],
+            for g, (item, outcome) in zip([g for g in groups for _ in items],
                                           zip(inbound, result.outcomes or ("accepted",) * len(inbound))):
-                if outcome == "accepted":
+                if outcome == "accepted" and g in self.hosted:
                     await self._announce(g, activity, exclude=actor)
 
     async def _with_names(self, payload: Any) -> Any:
@@ -458,12 +497,12 @@ class ActivityPubAdapter(Adapter):
     async def deliver(self, batch: Sequence[Delivery]) -> DeliveryResult:
         ids: dict[str, str] = {}
         for d in batch:
-            if d.group not in self.hosted:
-                raise PermanentDeliveryError(f"group {d.group!r}: joining remote groups is not built yet")
             ids.update(await self._deliver(d))
         return DeliveryResult(ids=ids)  # type: ignore[arg-type]
 
     async def _deliver(self, d: Delivery) -> dict[str, str]:
+        if d.group in self.remote_groups:
+            return await self._deliver_remote(d)
         p, group = d.payload, self.urls.group(d.group)
         if isinstance(p, Message):
             await self._remember_person(p.author)
@@ -531,6 +570,127 @@ class ActivityPubAdapter(Adapter):
             return {}
         self.ctx.metrics.degraded.labels(f"activitypub_{d.type.removeprefix('civic.')}_not_carried").inc()
         return {}
+
+    # -- joined remote groups ----------------------------------------------------------------------------
+    async def _join_remote(self, url: str) -> None:
+        """The instance actor follows a remote group (Lemmy, Mobilizon, a
+        Fedify group ...), so the group sends it everything it announces.
+        Retried until the group's actor can be had; the Follow itself goes
+        through the durable queue."""
+        raw = await self.ctx.state.get_one(f"joined:{url}")
+        if raw is not None and orjson.loads(raw).get("state") == "accepted":
+            return
+        delay = 1.0
+        while True:
+            try:
+                group = await self.remote.actor(url)
+                break
+            except RemoteError as exc:
+                log.warning("cannot reach the remote group %s (%s); trying again in %.0f s", url, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 600.0)
+        follow_id = self.urls.activity(hashlib.sha256(f"join|{url}".encode()).hexdigest()[:32], "#follow")
+        follow = enc.activity("Follow", follow_id, self.urls.instance, url, to=[url])
+        await self.ctx.state.put({f"joined:{url}": orjson.dumps({"follow": follow_id, "state": "pending"})})
+        await self.queues.enqueue([OutItem(inbox=str(group["inbox"]), body=orjson.dumps(follow),
+                                           actor=self.urls.instance, created=time.time())])
+
+    async def _remote_inbox(self, url: str) -> str:
+        try:
+            group = await self.remote.actor(url)
+        except RemoteError as exc:
+            raise TransientDeliveryError(f"the remote group {url}: {exc}") from None
+        return str(group["inbox"])
+
+    async def _as_member(self, group_url: str, person: str) -> list[OutItem]:
+        """A Follow of the remote group by ``person`` the first time they post
+        there (groups take posts from their members)."""
+        key = f"gfollow:{group_url}:{person}"
+        if await self.ctx.state.get_one(key) is not None:
+            return []
+        follow_id = self.urls.activity(hashlib.sha256(f"{group_url}|{person}".encode()).hexdigest()[:32], "#follow")
+        await self.ctx.state.put({key: b"pending"})
+        follow = enc.activity("Follow", follow_id, person, group_url, to=[group_url])
+        return [OutItem(inbox=await self._remote_inbox(group_url), body=orjson.dumps(follow), actor=person,
+                        created=time.time())]
+
+    async def _deliver_remote(self, d: Delivery) -> dict[str, str]:
+        """Into a remote group: the person's own activity, sent to the group's
+        inbox; the group shares it with its members (and back with us: an echo)."""
+        p, group_url = d.payload, d.group
+        inbox = await self._remote_inbox(group_url)
+        out: list[OutItem] = []
+        result: dict[str, str] = {}
+        if isinstance(p, Message):
+            await self._remember_person(p.author)
+            author = enc.person_url(self.urls, p.author)
+            out += await self._as_member(group_url, author)
+            edited = d.type == "civic.message.edited"
+            note_key = unquote(p.id.rsplit("/", 1)[1]) if edited and self.urls.owns(p.id) else p.id
+            if edited and not self.urls.owns(p.id):
+                raise PermanentDeliveryError(f"edit of {p.id}, which the gateway did not post")
+            reply = p.reply_to if p.reply_to and p.reply_to.startswith(("http://", "https://")) else None
+            note = enc.note(self.urls, _with_id(p, note_key), group_id=group_url, published=now_iso(d.time),
+                            reply_to=reply, updated=now_iso() if edited else None)
+            act = enc.activity("Update" if edited else "Create", self.urls.activity(d.event_id), author, note,
+                               to=note["to"], cc=note["cc"], audience=group_url)
+            await self.ctx.state.put({f"note:{note_key}": orjson.dumps({"group": group_url, "doc": note}),
+                                      f"act:{d.event_id}": orjson.dumps(act)})
+            out.append(OutItem(inbox=inbox, body=orjson.dumps(act), actor=author, created=time.time()))
+            if not edited:
+                result[p.id] = note["id"]
+        elif isinstance(p, MessageDeletion) and self.urls.owns(p.id):
+            rec = await self._note_record(p.id)
+            author = rec["author"] if rec else self.urls.instance
+            act = enc.activity("Delete", self.urls.activity(d.event_id), author, enc.tombstone(p.id),
+                               to=[enc.PUBLIC, group_url], audience=group_url)
+            out.append(OutItem(inbox=inbox, body=orjson.dumps(act), actor=author, created=time.time()))
+        elif isinstance(p, Reaction):
+            await self._remember_person(p.author)
+            author = enc.person_url(self.urls, p.author)
+            out += await self._as_member(group_url, author)
+            like_id = self.urls.activity(hashlib.sha256(f"{author}|{p.message}|{p.key}".encode()).hexdigest()[:32],
+                                         "#react")
+            kind = "Like" if p.key in (dec.LIKE_KEY, "❤️", "⭐") else "EmojiReact"
+            like = enc.activity(kind, like_id, author, p.message, context=False, to=[group_url], audience=group_url,
+                                **({"content": p.key} if kind == "EmojiReact" else {}))
+            act = (enc.activity("Undo", self.urls.activity(d.event_id), author, like, to=[group_url])
+                   if d.type == "civic.reaction.removed" else {"@context": enc.CONTEXT, **like})
+            out.append(OutItem(inbox=inbox, body=orjson.dumps(act), actor=author, created=time.time()))
+        elif isinstance(p, Report):
+            await self._flag(d, p)
+        else:  # moderation in a group the gateway only belongs to is the group's own moderators' business
+            self.ctx.metrics.degraded.labels(f"activitypub_remote_{d.type.removeprefix('civic.')}_not_carried").inc()
+        if out:
+            await self.queues.enqueue(out)
+        return result
+
+    async def _from_remote_group(self, group_url: str, announce: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+        """The activity a joined group announces, checked: its id on its actor's
+        host; a created or updated object fetched again from its origin (the
+        embedded copy is only the group's word for it)."""
+        inner = announce.get("object")
+        if isinstance(inner, str):
+            try:
+                inner = await self.remote.get(inner)
+            except RemoteError as exc:
+                raise Refused(403, "unverifiable", f"the announced activity could not be fetched: {exc}") from None
+        if not isinstance(inner, dict) or not isinstance(inner.get("id"), str):
+            raise Refused(400, "bad_activity", "an Announce of nothing")
+        actor = dec.id_of(inner.get("actor"))
+        if actor is None:
+            raise Refused(400, "bad_activity", "the announced activity has no actor")
+        self._check_origin(inner, actor)
+        obj = inner.get("object")
+        if dec.type_of(inner) in ("Create", "Update") and isinstance(obj, Mapping):
+            try:
+                fetched = await self.remote.get(str(dec.id_of(obj)))
+            except RemoteError as exc:
+                raise Refused(403, "unverifiable", f"the announced object could not be fetched: {exc}") from None
+            if dec.id_of(fetched.get("attributedTo")) != actor:
+                raise Refused(403, "foreign_object", "the announced object is not its actor's")
+            inner = {**inner, "object": fetched}
+        return inner, actor
 
     async def _inboxes_of(self, actor: str) -> list[str]:
         try:

@@ -105,9 +105,13 @@ def id_of(value: Any) -> str | None:
 
 
 def type_of(value: Any) -> str | None:
+    """The type name; a full IRI of an extension type (``http://litepub.social/ns#EmojiReact``,
+    as Fedify writes it inside an Announce) is shortened to its name."""
     t = value.get("type") if isinstance(value, Mapping) else None
     if isinstance(t, list):
         t = next((x for x in t if isinstance(x, str)), None)
+    if isinstance(t, str) and t.startswith(("http://", "https://")) and "#" in t:
+        t = t.rsplit("#", 1)[1]
     return t if isinstance(t, str) else None
 
 
