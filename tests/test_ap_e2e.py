@@ -134,6 +134,12 @@ async def test_fediverse_people_join_and_post_and_the_group_announces(net: Net) 
     person = await net.f("lookup", obj["attributedTo"])
     assert person["type"] == "Person" and person["name"] == "Dirk"
 
+    # alice answers the site's message: a reply with the site's own id
+    await net.f("note", "alice", "<p>thanks</p>", to=["Public", net.group], inReplyTo=obj["id"])
+    replies = await _until(lambda: [e["data"] for e in net.site_events("civic.message.created")
+                                    if e["data"].get("reply_to")], "alice's reply")
+    assert replies[0]["reply_to"] == "r-1" and replies[0]["text"] == "thanks"
+
     # alice likes it, edits and deletes her own note: each reaches the site with the site's ids
     await net.f("like", "alice", obj["id"], to=[net.group])
     reaction = (await _until(lambda: net.site_events("civic.reaction.added"), "the like"))[0]["data"]
@@ -180,7 +186,13 @@ class Impostor:
                 "id": self.url, "type": "Person", "inbox": self.url + "/inbox", "preferredUsername": "mallory",
                 "publicKey": {"id": self.url + "#main-key", "owner": self.url,
                               "publicKeyPem": sig.public_key_pem(self.key)}}), content_type="application/activity+json")
+        self.received: list[dict[str, Any]] = []
+
+        async def inbox(request: web.Request) -> web.Response:
+            self.received.append(orjson.loads(await request.read()))
+            return web.Response(status=202)
         self.app.router.add_get("/users/mallory", actor)
+        self.app.router.add_post("/users/mallory/inbox", inbox)
         self.runner = web.AppRunner(self.app)
 
     async def __aenter__(self) -> "Impostor":
@@ -309,3 +321,50 @@ async def test_the_gateway_joins_a_remote_group_and_takes_part_both_ways(joined:
     # the club shared the gateway's post back with the gateway too: not taken in again
     await asyncio.sleep(0.5)
     assert [e["data"]["text"] for e in net.site_events("civic.message.created")] == ["From the club"]
+
+
+async def test_what_a_joined_group_announces_is_checked_at_its_origin(fedify: Fedify, tmp_path: Path) -> None:
+    """A group the gateway joined (here one of our own making, so that it can
+    lie) announces a Create by alice of a note alice's server does not have,
+    and one whose note lives on a third host: both refused, nothing stored."""
+    async with Impostor() as evil:
+        group_url = evil.url  # mallory plays a group the gateway joins
+        follows = evil.received
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        site = Site("site", new_secret(), prefix="s-")
+        await site.start()
+        text = (f'[gateway]\nlisten = "127.0.0.1:{port}"\ndatabase = "{tmp_path}/gw.db"\nlog_format = "text"\n'
+                f'[platforms.fedi]\nkind = "activitypub"\nbase_url = "{base}"\nallow_private_addresses = true\n'
+                + site.config(batch_max=1) + f'[[links]]\nname = "l"\ngroups = [{{platform = "fedi", group = '
+                f'"{group_url}"}}, {{platform = "site", group = "g"}}]\n')
+        gw = Gateway(parse(text, "test.toml"))
+        await gw.start()
+        await gw.serve("127.0.0.1", port)
+        try:
+            await wait_for(lambda: any(f.get("type") == "Follow" for f in follows), timeout=10,
+                           what="the gateway's Follow")
+            alice = fedify.actor_url("alice")
+            inbox_url = f"{base}/ap/actor/inbox"
+            async with aiohttp.ClientSession() as s:
+                async def announce(inner: dict[str, Any], n: int) -> tuple[int, str]:
+                    body = orjson.dumps({"@context": "https://www.w3.org/ns/activitystreams", "type": "Announce",
+                                         "id": f"{group_url}/announces/{n}", "actor": group_url, "object": inner})
+                    async with s.post(inbox_url, data=body, headers=evil.signed(inbox_url, body)) as r:
+                        return r.status, (await r.json(content_type=None)).get("reason", "")
+
+                missing = {"id": alice + "/notes/nope#create", "type": "Create", "actor": alice,
+                           "object": {"id": alice + "/notes/nope", "type": "Note", "attributedTo": alice,
+                                      "content": "never written", "to": [group_url]}}
+                assert await announce(missing, 1) == (403, "unverifiable")
+                third = {"id": alice + "/notes/x#create", "type": "Create", "actor": alice,
+                         "object": {"id": "http://elsewhere.example/notes/1", "type": "Note",
+                                    "attributedTo": alice, "content": "hosted elsewhere", "to": [group_url]}}
+                assert await announce(third, 2) == (403, "foreign_object")
+            await asyncio.sleep(0.3)
+            assert site.events == []
+        finally:
+            if gw._runner is not None:
+                await gw._runner.cleanup()
+            await gw.stop()
+            await site.stop()
