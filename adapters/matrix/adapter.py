@@ -3,7 +3,8 @@ Application Service (docs/matrix.md). A group is a room id.
 
 The pieces: ``appservice`` takes the homeserver's transactions (checked,
 stored before ``200``), ``decode``/``encode`` translate, ``outbound`` sends as
-ghosts, ``client`` is the HTTP side, ``media`` and ``fetch`` move attachments.
+ghosts, ``client`` is the HTTP side, ``media`` makes attachment links (fetching a
+site's attachment goes through the core's SSRF-guarded ``gateway.netguard``).
 This module joins them and adds what needs I/O around decoding:
 
 * the event a redaction removes is looked up (a reaction the gateway saw is
@@ -41,9 +42,9 @@ from adapters.matrix.client import MatrixClient, MatrixError
 from adapters.matrix.config import MatrixConfig
 from adapters.matrix.decode import MatrixDecodeError, PolicyRule, decode_policy_rule, is_ghost
 from adapters.matrix.encode import stand_in_of
-from adapters.matrix.fetch import Fetcher
 from adapters.matrix.outbound import Outbound
 from gateway.adapter import Adapter, AdapterContext, BanRule, Capabilities, Delivery, DeliveryResult, Inbound
+from gateway.netguard import GuardedSession
 from gateway.tasks import TaskGroup
 from schemas.v1 import Actor, Message
 
@@ -70,7 +71,7 @@ class MatrixAdapter(Adapter, InboundHooks):
         self.config: MatrixConfig = ctx.config
         self._caps = Capabilities(batch_max=self.config.batch_max)
         self.client = MatrixClient(self.config)
-        self.fetcher = Fetcher(allow_private=self.config.media_fetch_private)
+        self.fetcher = GuardedSession(allow_private=self.config.media_fetch_private, timeout=30.0)
         self.media_key = media.media_key(self.config.hs_token)
         self.media_base = self.config.media_url or self.config.appservice_url
         self.outbound = Outbound(self.client, self.config, self.fetcher, self.media_key, self.media_base,
@@ -259,8 +260,10 @@ class MatrixAdapter(Adapter, InboundHooks):
         if remember:  # before the 200: a redaction may follow in the next transaction
             await self.ctx.state.put(remember)
         out = []
+        linked = set(self.ctx.groups)
         for item in inbound:
-            item = await self._with_names(item)
+            if item.group in linked:  # the core drops the rest ("unlinked"): no need to look anyone up
+                item = await self._with_names(item)
             out.append(_public_media(item, self.media_base, self.media_key))
         return out
 
@@ -303,6 +306,7 @@ class MatrixAdapter(Adapter, InboundHooks):
             member = await self.client.state(room, "m.room.member", user)
         except MatrixError as exc:
             log.info("%s: no display name for %s in %s: %s", self.name, user, room, exc)
+            self._remember_name(room, user, None)  # not asked again for every message; a member event updates it
             return None
         name = member.get("displayname") if member else None
         name = name[:256] if isinstance(name, str) and name.strip() else None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import re
 from urllib.parse import quote, unquote, urlsplit
 
@@ -75,17 +74,3 @@ def outgoing(att: Attachment, base: str, key: bytes) -> Attachment:
     if url is None:
         return att
     return Attachment(url=url, media_type=att.media_type, alt=att.alt, name=att.name, size=att.size)
-
-
-def address_allowed(address: str, *, allow_private: bool) -> bool:
-    """Whether the gateway may fetch from ``address`` (an IP address as text):
-    never from unspecified, multicast or reserved addresses; from private,
-    loopback and link-local ones only when the operator allows it."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.is_unspecified or ip.is_multicast or ip.is_reserved:
-        return False
-    if ip.is_private or ip.is_loopback or ip.is_link_local:
-        return allow_private
-    return True

@@ -26,10 +26,10 @@ from adapters.matrix import encode
 from adapters.matrix.client import MatrixClient, MatrixError, delivery_error
 from adapters.matrix.config import MatrixConfig
 from adapters.matrix.decode import is_ghost
-from adapters.matrix.fetch import Fetcher, FetchError
 from adapters.matrix.media import mxc_of_public
 from gateway.adapter import Delivery
 from gateway.errors import PermanentDeliveryError, TransientDeliveryError
+from gateway.netguard import FetchError, GuardedSession
 from schemas.v1 import (
     AccountMove,
     Actor,
@@ -130,7 +130,7 @@ class Ghosts:
 class Outbound:
     """Delivers one ``Delivery`` at a time into its room (the group is the room id)."""
 
-    def __init__(self, client: MatrixClient, config: MatrixConfig, fetcher: Fetcher, media_key: bytes,
+    def __init__(self, client: MatrixClient, config: MatrixConfig, fetcher: GuardedSession, media_key: bytes,
                  media_base: str, on_degrade: Callable[[str], None] = lambda reason: None) -> None:
         self.client = client
         self.config = config
@@ -206,7 +206,10 @@ class Outbound:
             self._degrade("media_too_large")
             return None
         try:
-            data, content_type = await self.fetcher.fetch(att.url, max_bytes=self.config.media_max_bytes)
+            got = await self.fetcher.request("GET", att.url, max_bytes=self.config.media_max_bytes)
+            if got.status != 200:
+                raise FetchError(f"{att.url}: HTTP {got.status}", transient=got.status >= 500 or got.status in (408, 429))
+            data, content_type = got.body, got.content_type or "application/octet-stream"
         except FetchError as exc:
             if exc.transient:
                 raise TransientDeliveryError(f"attachment {exc}") from None
