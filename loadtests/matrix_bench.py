@@ -1,7 +1,7 @@
 """Matrix relay benchmark: Matrix <-> gateway <-> webhook site, beside Synapse alone.
 
     python -m loadtests.matrix_bench [--quick] [--messages N] [--rooms K] [--rounds R]
-                                     [--site-batch B] [--json PATH]
+                                     [--site-batch B] [--pause S] [--json PATH] [--keep]
 
 Everything on 127.0.0.1, free ports, in a temporary directory; every process
 started here (Synapse, the gateway) is stopped by PID at the end, also on
@@ -9,36 +9,43 @@ Ctrl-C or an error.
 
 Set-up: one Synapse with SQLite (``tests.synapse.Synapse``, rate limits
 relaxed) that loads the gateway's appservice registration; K Matrix users
-``bench0..``; per user two rooms of theirs: a *linked* room (the bot
-``@civic:civic.test`` invited, it joins by itself, power level 100) that the
-gateway config links to the webhook group ``g<i>`` of a real webhook site
-(``tests.sitekit.Site``, in this process), and a *plain* room without the bot
-(the baselines: no appservice in the path). The gateway runs as its own process
-(``tests.clusterkit.Node``: ``civic-gateway run --config``) so its CPU is read
-apart from Synapse's (utime+stime from ``/proc/PID/stat``).
+``bench0..``, K appservice ghosts ``@civic_bench_<i>`` and per user three rooms
+of theirs: a *linked* room (the bot ``@civic:civic.test`` invited, it joins by
+itself, power level 100; ghost i joined too) that the gateway config links to
+the webhook group ``g<i>`` of a real webhook site (``tests.sitekit.Site``, in
+this process); a *plain* room with ghost i; a *solo* room with user i alone (no
+appservice user in it, so Synapse pushes nothing of it to the gateway). The
+gateway runs as its own process (``tests.clusterkit.Node``: ``civic-gateway run
+--config``) so its CPU is read apart from Synapse's (utime+stime from
+``/proc/PID/stat``).
 
 Phases, each of N messages spread over the K rooms, K senders at once, each
 sending its share serially (one request at a time per room, as the gateway
 keeps order per room):
 
-  into Synapse     baseline: K appservice ghosts ``@civic_bench_<i>`` send
-                   (``PUT .../send/...?user_id=``, the as_token) into the plain
-                   rooms: what the gateway does, without the gateway.
-                   msg/s = N / (last send answered - first send).
-  webhook->Matrix  the site posts N ``civic.message.created`` to the gateway,
-                   in batches of B per request, K groups at once; msg/s = N /
-                   (all N delivered, from ``civic_events_out_total{platform=
-                   "hub"}`` - first post). Counted again in the rooms after.
-  out of Synapse   baseline: the K users send into the plain rooms with their
-                   own tokens. msg/s = N / (last send answered - first send).
-  Matrix->webhook  the K users send into the linked rooms; msg/s = N / (the
-                   site has all N - first send).
+  into Synapse      baseline: the ghosts send (``PUT .../send/...?user_id=``,
+                    the as_token, ``{"msgtype": "m.text", "body": ...}``) into
+                    the plain rooms: what the gateway does, without the gateway.
+                    msg/s = N / (last send answered - first send).
+  into, as gateway  diagnostic: the ghosts send the request the gateway sends
+                    (``ts`` and ``"m.mentions": {}``) into the linked rooms,
+                    still without the gateway in the path.
+  webhook->Matrix   the site posts N ``civic.message.created`` to the gateway,
+                    in batches of B per request, K groups at once; msg/s = N /
+                    (all N delivered, from ``civic_events_out_total{platform=
+                    "hub"}`` - first post). Counted again in the rooms after.
+  out of Synapse    baseline: the K users send into their solo rooms with their
+                    own tokens. msg/s = N / (last send answered - first send).
+  Matrix->webhook   the K users send into the linked rooms; msg/s = N / (the
+                    site has all N - first send).
 
-Ratios are gateway / baseline of the same direction, within one run. With
+Ratios are gateway / baseline of the same direction, within one run; PASS
+needs >= 0.9 and nothing lost or duplicated (exit status 0, else 1). With
 ``--rounds`` > 1 the order alternates (baseline first, then gateway first).
 A warm-up message per room and direction (ghosts registered and joined,
-profiles cached) precedes the measurement. Figures and how to read them:
-loadtests/README.md, section "Matrix (Synapse) relay".
+profiles cached) precedes the measurement. ``--keep`` keeps the temporary
+directory (Synapse's log has each request's CPU: ``ru=(user, sys)``). Figures
+and how to read them: loadtests/README.md, section "Matrix (Synapse) relay".
 """
 
 from __future__ import annotations
@@ -47,10 +54,10 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import re
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -499,6 +506,10 @@ def print_table(results: list[Phase], args: argparse.Namespace) -> bool:
 # --- main -----------------------------------------------------------------------------------------
 
 async def main_async(args: argparse.Namespace) -> int:
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):  # unwind: every process started is stopped by PID
+        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
     workdir = Path(tempfile.mkdtemp(prefix="matrix-bench-"))
     started = time.monotonic()
     ok = False
@@ -558,10 +569,11 @@ def main() -> None:
     args.messages = args.messages or (400 if args.quick else 2000)
     args.rounds = args.rounds or 1
     try:
-        sys.exit(asyncio.run(main_async(args)))
-    except KeyboardInterrupt:
-        print("interrupted; processes stopped", file=sys.stderr)
-        sys.exit(130)
+        code = asyncio.run(main_async(args))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted; the processes it started are stopped", file=sys.stderr)
+        code = 130
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -326,6 +326,18 @@ async def test_the_gateway_joins_a_remote_group_and_takes_part_both_ways(joined:
     await asyncio.sleep(0.5)
     assert [e["data"]["text"] for e in net.site_events("civic.message.created")] == ["From the club"]
 
+    # alice's like of the site's post, her edit and her deletion come through the club
+    site_first = net.site.own_ids[got["id"]]
+    await net.f("like", "alice", inner["object"]["id"], to=[club], audience=club)
+    like = (await _until(lambda: net.site_events("civic.reaction.added"), "the like via the club"))[0]["data"]
+    assert like["message"] == "erik-1"
+    await net.f("update", "alice", note["id"], "<p>From the club, edited</p>")
+    edit = (await _until(lambda: net.site_events("civic.message.edited"), "the edit via the club"))[0]["data"]
+    assert edit["id"] == site_first and edit["text"] == "From the club, edited"
+    await net.f("delete", "alice", note["id"])
+    gone = (await _until(lambda: net.site_events("civic.message.deleted"), "the deletion via the club"))[0]["data"]
+    assert gone["id"] == site_first
+
 
 async def test_what_a_joined_group_announces_is_checked_at_its_origin(fedify: Fedify, tmp_path: Path) -> None:
     """A group the gateway joined (here one of our own making, so that it can
