@@ -384,3 +384,17 @@ async def test_what_a_joined_group_announces_is_checked_at_its_origin(fedify: Fe
                 await gw._runner.cleanup()
             await gw.stop()
             await site.stop()
+
+
+async def test_a_person_the_gateway_may_not_carry_is_refused_membership(net: Net) -> None:
+    from gateway.adapter import BanRule
+
+    carol = net.fedify.actor_url("carol")
+    net.gw.set_ban_rules("site", [BanRule(kind="user", glob=carol, reason="test")])
+    await net.f("follow", "carol", net.group)
+    entry = await asyncio.to_thread(net.fedify.wait_for, "carol", "Reject", timeout=15)
+    assert entry["verified"] and entry["sender"] == net.group
+    await net.f("note", "carol", "<p>let me in</p>", to=["Public", net.group])
+    await asyncio.sleep(0.5)
+    assert net.site.events == []  # neither her follow nor her post crossed
+    assert all(k != f"follower:club:{carol}" for k, _ in await net.gw.adapters["fedi"].ctx.state.scan("follower:"))

@@ -343,9 +343,7 @@ class ActivityPubAdapter(Adapter):
             if name is None:
                 return
             groups = [name]
-            if kind == "Follow":
-                await self._follow(name, actor, activity)
-            else:
+            if kind == "Undo":
                 await self.ctx.state.put({f"follower:{name}:{actor}": None})
         elif kind in ("Create", "Update"):
             groups = [n for n in (self._hosted_name(i) for i in dec.audience(activity, obj if isinstance(
@@ -412,6 +410,10 @@ class ActivityPubAdapter(Adapter):
         if remember:
             await self.ctx.state.put(remember)
         result = await self.ctx.ingest(inbound)
+        if kind == "Follow" and groups[0] in self.hosted:
+            outcome = result.outcomes[0] if result.outcomes else "accepted"
+            # A person the gateway may not carry (banned, on a ban list, without consent) is refused.
+            await self._follow(groups[0], actor, activity, accept=outcome in ("accepted", "duplicate"))
         if kind in ("Create", "Update", "Delete", "Like", "EmojiReact", "Undo"):
             for g, (item, outcome) in zip([g for g in groups for _ in items],
                                           zip(inbound, result.outcomes or ("accepted",) * len(inbound))):
@@ -451,20 +453,23 @@ class ActivityPubAdapter(Adapter):
         raw = await self.ctx.state.get_one(f"rnote:{note_id}")
         return orjson.loads(raw) if raw else None
 
-    async def _follow(self, name: str, actor: str, follow: Mapping[str, Any]) -> None:
-        """Record the follower and answer ``Accept`` (open groups: everyone may join)."""
+    async def _follow(self, name: str, actor: str, follow: Mapping[str, Any], *, accept: bool = True) -> None:
+        """Record the follower and answer ``Accept`` (open groups: everyone the
+        gateway may carry joins), or answer ``Reject``."""
         try:
             doc = await self.remote.actor(actor)
         except RemoteError as exc:
             raise Refused(401, "no_actor", f"the follower's actor document could not be had: {exc}") from None
         inbox = dec.id_of(doc.get("inbox"))
         shared = inbox_of(doc)
-        await self.ctx.state.put({f"follower:{name}:{actor}": orjson.dumps({"inbox": inbox, "shared": shared})})
+        key = f"follower:{name}:{actor}"
+        await self.ctx.state.put({key: orjson.dumps({"inbox": inbox, "shared": shared}) if accept else None})
         group = self.urls.group(name)
-        accept = enc.activity("Accept", self.urls.activity(hashlib.sha256(follow["id"].encode()).hexdigest()[:32],
-                                                           "#accept"), group,
-                              {"id": follow["id"], "type": "Follow", "actor": actor, "object": group}, to=[actor])
-        await self.queues.enqueue([OutItem(inbox=inbox or shared or actor, body=orjson.dumps(accept), actor=group,
+        kind = "Accept" if accept else "Reject"
+        accept_doc = enc.activity(kind, self.urls.activity(hashlib.sha256(follow["id"].encode()).hexdigest()[:32],
+                                                           "#" + kind.lower()), group,
+                                  {"id": follow["id"], "type": "Follow", "actor": actor, "object": group}, to=[actor])
+        await self.queues.enqueue([OutItem(inbox=inbox or shared or actor, body=orjson.dumps(accept_doc), actor=group,
                                            created=time.time())])
 
     async def _follower_inboxes(self, name: str, exclude: str | None = None) -> list[str]:
