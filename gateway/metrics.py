@@ -5,9 +5,14 @@ Names follow Prometheus conventions; every label set is small and bounded
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+T = TypeVar("T")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 
 
@@ -46,3 +51,19 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+_SHARED: "weakref.WeakKeyDictionary[CollectorRegistry, dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+def shared_collector(registry: CollectorRegistry, name: str, make: Callable[[], T]) -> T:
+    """The collector ``name`` of ``registry``, made and registered on first use.
+    For adapters that keep plain counters and report them when Prometheus
+    scrapes: one collector per kind serves every platform of that kind (a
+    second registration of the same metric names would be refused)."""
+    per = _SHARED.setdefault(registry, {})
+    found = per.get(name)
+    if found is None:
+        found = per[name] = make()
+        registry.register(found)
+    return found  # type: ignore[no-any-return]

@@ -40,7 +40,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -51,7 +50,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from tests.services import ServiceUnavailable, free_port
+from tests.services import ServerProcess, ServiceUnavailable, free_port
 
 FEDIFY_VERSION = "2.3.6"  # 2.3.8 does not install from the registry (pins a missing @fedify/vocab)
 NODE_VERSION = "22.23.3"  # the npm `node` package: a Node 22 binary from the registry
@@ -137,12 +136,15 @@ class FedifyError(RuntimeError):
         super().__init__(f"{what}: HTTP {status} {body}")
 
 
-class Fedify:
+class Fedify(ServerProcess):
     """One Fedify peer on a free port of 127.0.0.1; its log in ``workdir/fedify.log``.
 
     ``persons`` and ``groups``: actors made at start (more come into being when a
     control call names them, or through ``create_actor``). Use as a context
     manager, or ``start()`` / ``stop()``."""
+
+    name = "the fedify peer"
+    poll_every = 0.05
 
     def __init__(self, workdir: Path, *, persons: Iterable[str] = ("alice", "bob", "carol"),
                  groups: Iterable[str] = ("club",), port: int | None = None) -> None:
@@ -173,50 +175,16 @@ class Fedify:
     def followers_url(self, name: str) -> str:
         return f"{self.actor_url(name)}/followers"
 
-    def start(self, timeout: float = 30.0) -> "Fedify":
+    def _command(self) -> tuple[list[str], Path, dict[str, str] | None]:
         env = {**os.environ, "PORT": str(self.port), "PEER_PERSONS": ",".join(self.persons),
                "PEER_GROUPS": ",".join(self.groups), "NODE_NO_WARNINGS": "1"}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([str(_node()), "peer.mjs"], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                         cwd=self.home, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self.request("GET", "/_ctl/log", timeout=1)[0] == 200:
-                    return self
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                self.proc = None
-                raise ServiceUnavailable(f"the fedify peer exited during start-up:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ServiceUnavailable(f"the fedify peer did not answer within {timeout:.0f} s:\n{self.log_tail()}")
-            time.sleep(0.05)
+        return [str(_node()), "peer.mjs"], self.home, env
 
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+    def _ready(self) -> bool:
+        return self.request("GET", "/_ctl/log", timeout=1)[0] == 200
 
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
-
-    def __enter__(self) -> "Fedify":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def start(self, timeout: float = 30.0) -> "Fedify":
+        return super().start(timeout)  # type: ignore[no-any-return]
 
     # -- HTTP -----------------------------------------------------------------------------
     def request(self, method: str, path: str, body: Any = None, *, query: dict[str, Any] | None = None,

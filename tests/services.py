@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 PG_HOST = os.environ.get("CIVIC_TEST_PGHOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("CIVIC_TEST_PGPORT", "5432"))
@@ -31,6 +32,70 @@ PG_USER = os.environ.get("CIVIC_TEST_PGUSER", "postgres")
 
 class ServiceUnavailable(RuntimeError):
     pass
+
+
+class ServerProcess:
+    """A server the tests start as a child process and stop by its PID.
+
+    A subclass sets ``name`` (for messages), ``log_path``, and implements
+    ``_command()`` -> (argv, cwd, env or None) and ``_ready()`` (one quick
+    probe: True once the server answers); ``start()``/``stop()`` and the
+    context manager do the rest."""
+
+    name = "server"
+    log_path: Path
+    proc: "subprocess.Popen[bytes] | None" = None
+    poll_every = 0.1
+
+    def _command(self) -> tuple[list[str], Path, dict[str, str] | None]:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 60.0) -> Any:
+        argv, cwd, env = self._command()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=cwd, env=env,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self._ready():
+                    return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                self.proc = None
+                raise ServiceUnavailable(f"{self.name} exited during start-up:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServiceUnavailable(f"{self.name} did not answer within {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(self.poll_every)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def free_port() -> int:

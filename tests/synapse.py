@@ -24,7 +24,6 @@ import hashlib
 import hmac
 import json
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tests.services import ServiceUnavailable, free_port
+from tests.services import ServerProcess, ServiceUnavailable, free_port
 
 SYNAPSE_VERSION = "1.163.2"
 REPO = Path(__file__).resolve().parent.parent
@@ -106,11 +105,13 @@ class MatrixError(RuntimeError):
         super().__init__(f"{what}: HTTP {status} {body}")
 
 
-class Synapse:
+class Synapse(ServerProcess):
     """One Synapse on a free port of 127.0.0.1, SQLite, in ``workdir``.
 
     ``appservices``: registration files to load (``app_service_config_files``).
     Use as a context manager, or ``start()`` / ``stop()``."""
+
+    name = "synapse"
 
     def __init__(self, workdir: Path, *, server_name: str = "civic.test",
                  appservices: Iterable[Path] = (), port: int | None = None) -> None:
@@ -120,7 +121,7 @@ class Synapse:
         self.server_name = server_name
         self.port = port or free_port()
         self.shared_secret = secrets.token_hex(24)
-        self.log = self.dir / "synapse.log"
+        self.log_path = self.log = self.dir / "synapse.log"
         self.proc: subprocess.Popen[bytes] | None = None
         # A signing key is an ed25519 seed, written as Synapse's own
         # --generate-keys does: saves starting Synapse once just for that.
@@ -157,49 +158,11 @@ class Synapse:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> "Synapse":
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([str(self.python), "-m", "synapse.app.homeserver", "-c", str(self.config)],
-                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=self.dir,
-                                         start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self.request("GET", "/_matrix/client/versions", timeout=1).status == 200:
-                    return self
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                self.proc = None
-                raise ServiceUnavailable(f"synapse exited during start-up:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ServiceUnavailable(f"synapse did not answer within {timeout:.0f} s:\n{self.log_tail()}")
-            time.sleep(0.1)
+    def _command(self) -> tuple[list[str], Path, dict[str, str] | None]:
+        return [str(self.python), "-m", "synapse.app.homeserver", "-c", str(self.config)], self.dir, None
 
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
-
-    def __enter__(self) -> "Synapse":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _ready(self) -> bool:
+        return self.request("GET", "/_matrix/client/versions", timeout=1).status == 200
 
     # -- client-server API ----------------------------------------------------------------
     def request(self, method: str, path: str, body: Any = None, *, token: str | None = None,

@@ -6,6 +6,7 @@ answering Fedify (which fetches keys and documents from it) meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -50,17 +51,19 @@ class Net:
         return self.site.of_type(etype)
 
 
-@pytest.fixture
-async def net(fedify: Fedify, tmp_path: Path) -> AsyncIterator[Net]:
+@contextlib.asynccontextmanager
+async def linked(fedify: Fedify, tmp_path: Path, group: str, extra: str = "") -> AsyncIterator[Net]:
+    """A gateway (in this process) with an ActivityPub platform whose ``group``
+    (a hosted name or a remote actor URL) is linked to a fresh webhook site."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     site = Site("site", new_secret(), prefix="s-")
     await site.start()
     text = (f'[gateway]\nlisten = "127.0.0.1:{port}"\ndatabase = "{tmp_path}/gw.db"\nlog_format = "text"\n'
             f'retry_max_delay = 0.5\n[platforms.fedi]\nkind = "activitypub"\nbase_url = "{base}"\n'
-            f'allow_private_addresses = true\n[platforms.fedi.groups.club]\nname = "The Club"\n'
-            + site.config(batch_max=1)
-            + '[[links]]\nname = "l"\ngroups = [{platform = "fedi", group = "club"}, {platform = "site", group = "g"}]\n')
+            f'allow_private_addresses = true\n{extra}' + site.config(batch_max=1)
+            + f'[[links]]\nname = "l"\ngroups = [{{platform = "fedi", group = "{group}"}}, '
+              f'{{platform = "site", group = "g"}}]\n')
     gw = Gateway(parse(text, "test.toml"))
     await gw.start()
     await gw.serve("127.0.0.1", port)
@@ -74,6 +77,12 @@ async def net(fedify: Fedify, tmp_path: Path) -> AsyncIterator[Net]:
             await gw._runner.cleanup()
         await gw.stop()
         await site.stop()
+
+
+@pytest.fixture
+async def net(fedify: Fedify, tmp_path: Path) -> AsyncIterator[Net]:
+    async with linked(fedify, tmp_path, "club", '[platforms.fedi.groups.club]\nname = "The Club"\n') as n:
+        yield n
 
 
 async def join(net: Net, *people: str) -> None:
@@ -274,29 +283,8 @@ async def _until(fn: Any, what: str, timeout: float = 15.0) -> Any:
 
 @pytest.fixture
 async def joined(fedify: Fedify, tmp_path: Path) -> AsyncIterator[Net]:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    club = fedify.group_url("club")
-    site = Site("site", new_secret(), prefix="s-")
-    await site.start()
-    text = (f'[gateway]\nlisten = "127.0.0.1:{port}"\ndatabase = "{tmp_path}/gw.db"\nlog_format = "text"\n'
-            f'retry_max_delay = 0.5\n[platforms.fedi]\nkind = "activitypub"\nbase_url = "{base}"\n'
-            f'allow_private_addresses = true\n' + site.config(batch_max=1)
-            + f'[[links]]\nname = "l"\ngroups = [{{platform = "fedi", group = "{club}"}}, '
-              f'{{platform = "site", group = "g"}}]\n')
-    gw = Gateway(parse(text, "test.toml"))
-    await gw.start()
-    await gw.serve("127.0.0.1", port)
-    sender = Sender(base, "site", site.secret)
-    await asyncio.to_thread(fedify.clear_log)
-    try:
-        yield Net(gw, base, site, sender, fedify)
-    finally:
-        await sender.close()
-        if gw._runner is not None:
-            await gw._runner.cleanup()
-        await gw.stop()
-        await site.stop()
+    async with linked(fedify, tmp_path, fedify.group_url("club")) as n:
+        yield n
 
 
 async def test_the_gateway_joins_a_remote_group_and_takes_part_both_ways(joined: Net) -> None:
@@ -346,22 +334,11 @@ async def test_what_a_joined_group_announces_is_checked_at_its_origin(fedify: Fe
     async with Impostor() as evil:
         group_url = evil.url  # mallory plays a group the gateway joins
         follows = evil.received
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        site = Site("site", new_secret(), prefix="s-")
-        await site.start()
-        text = (f'[gateway]\nlisten = "127.0.0.1:{port}"\ndatabase = "{tmp_path}/gw.db"\nlog_format = "text"\n'
-                f'[platforms.fedi]\nkind = "activitypub"\nbase_url = "{base}"\nallow_private_addresses = true\n'
-                + site.config(batch_max=1) + f'[[links]]\nname = "l"\ngroups = [{{platform = "fedi", group = '
-                f'"{group_url}"}}, {{platform = "site", group = "g"}}]\n')
-        gw = Gateway(parse(text, "test.toml"))
-        await gw.start()
-        await gw.serve("127.0.0.1", port)
-        try:
+        async with linked(fedify, tmp_path, group_url) as net:
             await wait_for(lambda: any(f.get("type") == "Follow" for f in follows), timeout=10,
                            what="the gateway's Follow")
             alice = fedify.actor_url("alice")
-            inbox_url = f"{base}/ap/actor/inbox"
+            inbox_url = f"{net.base}/ap/actor/inbox"
             async with aiohttp.ClientSession() as s:
                 async def announce(inner: dict[str, Any], n: int) -> tuple[int, str]:
                     body = orjson.dumps({"@context": "https://www.w3.org/ns/activitystreams", "type": "Announce",
@@ -378,12 +355,7 @@ async def test_what_a_joined_group_announces_is_checked_at_its_origin(fedify: Fe
                                     "attributedTo": alice, "content": "hosted elsewhere", "to": [group_url]}}
                 assert await announce(third, 2) == (403, "foreign_object")
             await asyncio.sleep(0.3)
-            assert site.events == []
-        finally:
-            if gw._runner is not None:
-                await gw._runner.cleanup()
-            await gw.stop()
-            await site.stop()
+            assert net.site.events == []
 
 
 async def test_a_person_the_gateway_may_not_carry_is_refused_membership(net: Net) -> None:

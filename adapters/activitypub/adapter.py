@@ -48,6 +48,7 @@ from adapters.activitypub.remote import Remote, RemoteError, inbox_of, parse_jso
 from gateway.adapter import Adapter, AdapterContext, Capabilities, Delivery, DeliveryResult, Inbound, Overloaded
 from gateway.errors import PermanentDeliveryError, TransientDeliveryError
 from gateway.netguard import GuardedSession
+from gateway.metrics import shared_collector
 from gateway.tasks import TaskGroup
 from schemas.v1 import Actor, Membership, Message, MessageDeletion, ModerationAction, Reaction, Report
 
@@ -96,7 +97,7 @@ class ActivityPubAdapter(Adapter):
         self._seen: OrderedDict[bytes, float] = OrderedDict()
         self.refused: dict[str, int] = {}
         self.received = 0
-        _collector(ctx.metrics.registry).adapters.add(self)
+        shared_collector(ctx.metrics.registry, "activitypub", _Collector).adapters.add(self)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -755,14 +756,3 @@ class _Collector:
             for outcome in ("delivered", "retried", "dropped", "expired"):
                 out.add_metric([a.name, outcome], getattr(c, outcome))
         yield from (refused, received, out)
-
-
-_COLLECTORS: "weakref.WeakKeyDictionary[Any, _Collector]" = weakref.WeakKeyDictionary()
-
-
-def _collector(registry: Any) -> _Collector:
-    found = _COLLECTORS.get(registry)
-    if found is None:
-        found = _COLLECTORS[registry] = _Collector()
-        registry.register(found)
-    return found

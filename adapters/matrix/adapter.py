@@ -45,6 +45,7 @@ from adapters.matrix.encode import stand_in_of
 from adapters.matrix.outbound import Outbound
 from gateway.adapter import Adapter, AdapterContext, BanRule, Capabilities, Delivery, DeliveryResult, Inbound
 from gateway.netguard import GuardedSession
+from gateway.metrics import shared_collector
 from gateway.tasks import TaskGroup
 from schemas.v1 import Actor, Message
 
@@ -84,7 +85,7 @@ class MatrixAdapter(Adapter, InboundHooks):
         self._tasks = TaskGroup()
         self.last_ping: float | None = None
         self.media_served = 0
-        _collector(ctx.metrics.registry).adapters.add(self)
+        shared_collector(ctx.metrics.registry, "matrix", _Collector).adapters.add(self)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -433,14 +434,3 @@ class _Collector:
                 ping.add_metric(n, a.last_ping)
             rules.add_metric(n, a.policy_rules)
         yield from (txns, replays, gaps, ignored, errors, calls, failures, ghosts, ping, rules)
-
-
-_COLLECTORS: "weakref.WeakKeyDictionary[Any, _Collector]" = weakref.WeakKeyDictionary()
-
-
-def _collector(registry: Any) -> _Collector:
-    found = _COLLECTORS.get(registry)
-    if found is None:
-        found = _COLLECTORS[registry] = _Collector()
-        registry.register(found)
-    return found
