@@ -29,6 +29,7 @@ import msgspec
 
 from gateway.errors import DecodeError
 from gateway.sanitize import html_to_text
+from gateway.translate import Ignored, Item, schema_problem
 from schemas.v1 import (
     AccountMove,
     AccountRef,
@@ -63,12 +64,6 @@ class APDecodeError(DecodeError):
         super().__init__(f"`{field}`: {message}", field=field)
 
 
-class Item(msgspec.Struct, frozen=True):
-    type: str
-    payload: Any
-    event_id: str
-
-
 class Decoded(msgspec.Struct, frozen=True):
     items: tuple[Item, ...]
 
@@ -79,10 +74,6 @@ class Decoded(msgspec.Struct, frozen=True):
     @property
     def payload(self) -> Any:
         return self.items[0].payload
-
-
-class Ignored(msgspec.Struct, frozen=True):
-    reason: str
 
 
 # -- helpers for ActivityStreams' loose shapes ----------------------------------------------------
@@ -338,13 +329,9 @@ def _move(activity: Mapping[str, Any], activity_id: str, actor: str, platform: s
 
 
 def _validate(item: Item) -> None:
-    try:
-        msgspec.json.decode(msgspec.json.encode(item.payload), type=type(item.payload))
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        at = text.rsplit(" - at `$", 1)
-        raise APDecodeError(f"does not fit the common schema: {at[0]}",
-                            field="object" + (at[1].rstrip("`") if len(at) == 2 else "")) from None
+    problem = schema_problem(item.payload)
+    if problem is not None:
+        raise APDecodeError(f"does not fit the common schema: {problem[0]}", field="object" + problem[1])
 
 
 __all__: Sequence[str] = ["decode_activity", "message_from_object", "as_list", "id_of", "type_of", "audience",

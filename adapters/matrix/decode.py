@@ -39,6 +39,7 @@ import msgspec
 from gateway.adapter import Inbound
 from gateway.errors import DecodeError
 from gateway.ids import EventId, GroupId, PlatformName
+from gateway.translate import Ignored, Item, schema_problem
 from schemas.v1 import (
     Actor,
     Attachment,
@@ -76,14 +77,6 @@ class MatrixDecodeError(DecodeError):
         super().__init__(f"`{field}`: {message}", field=field)
 
 
-class Item(msgspec.Struct, frozen=True):
-    """One schema event: its type name, payload, and the id to dedupe it by."""
-
-    type: str
-    payload: Any
-    event_id: str
-
-
 class Decoded(msgspec.Struct, frozen=True):
     """What one Matrix event means: usually one item (a power-levels change
     can change several people's roles, one item each)."""
@@ -107,12 +100,6 @@ class Decoded(msgspec.Struct, frozen=True):
         time = self.time or now
         return [Inbound(platform=platform, group=GroupId(self.group), event_id=EventId(i.event_id), type=i.type,
                         payload=i.payload, time=time) for i in self.items]
-
-
-class Ignored(msgspec.Struct, frozen=True):
-    """An event the gateway does not carry, and why (a code above)."""
-
-    reason: str
 
 
 class PolicyRule(msgspec.Struct, frozen=True):
@@ -517,10 +504,6 @@ def _str(obj: Mapping[str, Any], key: str, field: str | None = None) -> str:
 
 def _validate(item: Item) -> None:
     """Check the payload against the schema's limits (lengths, media types)."""
-    try:
-        msgspec.json.decode(msgspec.json.encode(item.payload), type=type(item.payload))
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        at = text.rsplit(" - at `$", 1)
-        field = "content" + (at[1].rstrip("`") if len(at) == 2 else "")
-        raise MatrixDecodeError(f"does not fit the common schema: {at[0]}", field=field) from None
+    problem = schema_problem(item.payload)
+    if problem is not None:
+        raise MatrixDecodeError(f"does not fit the common schema: {problem[0]}", field="content" + problem[1])
