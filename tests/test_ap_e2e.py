@@ -370,3 +370,18 @@ async def test_a_person_the_gateway_may_not_carry_is_refused_membership(net: Net
     await asyncio.sleep(0.5)
     assert net.site.events == []  # neither her follow nor her post crossed
     assert all(k != f"follower:club:{carol}" for k, _ in await net.gw.adapters["fedi"].ctx.state.scan("follower:"))
+
+
+async def test_a_new_name_reaches_the_followers_as_an_update(net: Net) -> None:
+    await join(net, "alice")
+    s = net.sender
+    await s.send([s.event("civic.message.created", "g", {"id": "d-1", "author": {"id": "dirk", "name": "Dirk"},
+                                                         "text": "hi"})])
+    await asyncio.to_thread(net.fedify.wait_for, "alice", "Announce", timeout=15)
+    await s.send([s.event("civic.profile.updated", "g", {"actor": {"id": "dirk", "name": "Dirk B."}})])
+    entry = await asyncio.to_thread(
+        net.fedify.wait_for, "alice", "Announce",
+        lambda e: (e["activity"].get("object") or {}).get("type") == "Update", timeout=15)
+    person = entry["activity"]["object"]["object"]
+    assert person["type"] == "Person" and person["name"] == "Dirk B."
+    assert person["id"] == entry["activity"]["object"]["actor"]  # the same Person that posted before

@@ -50,7 +50,7 @@ from gateway.errors import PermanentDeliveryError, TransientDeliveryError
 from gateway.netguard import GuardedSession
 from gateway.metrics import shared_collector
 from gateway.tasks import TaskGroup
-from schemas.v1 import Actor, Membership, Message, MessageDeletion, ModerationAction, Reaction, Report
+from schemas.v1 import Actor, Membership, Message, MessageDeletion, ModerationAction, ProfileUpdate, Reaction, Report
 
 log = logging.getLogger("civic.activitypub")
 
@@ -573,6 +573,16 @@ class ActivityPubAdapter(Adapter):
             return {}
         if isinstance(p, Report):
             await self._flag(d, p)
+            return {}
+        if isinstance(p, ProfileUpdate) and not p.actor.id.startswith(("http://", "https://")):
+            # A new name or identity level: the Person document changes, and the
+            # group's followers hear it (Mastodon refreshes the profile on Update).
+            await self._remember_person(p.actor)
+            doc = enc.person_actor(self.urls, p.actor, self._key_pem)
+            doc.pop("@context", None)
+            person = enc.person_url(self.urls, p.actor)
+            act = enc.activity("Update", self.urls.activity(d.event_id), person, doc, to=[enc.PUBLIC])
+            await self._announce(d.group, act)
             return {}
         self.ctx.metrics.degraded.labels(f"activitypub_{d.type.removeprefix('civic.')}_not_carried").inc()
         return {}
