@@ -148,6 +148,11 @@ class AdapterState(abc.ABC):
         """(key, value) of the first ``limit`` keys starting with ``prefix``, in key (code point) order."""
 
     @abc.abstractmethod
+    async def setdefault(self, key: str, value: bytes) -> bytes:
+        """The value of ``key``, set to ``value`` first if it has none,
+        atomically (of nodes racing, one wins and every one reads that value)."""
+
+    @abc.abstractmethod
     async def prune(self, prefix: str, older_than: float) -> int:
         """Delete the keys starting with ``prefix`` last written before
         ``older_than`` (Unix seconds); how many were deleted."""
@@ -163,6 +168,11 @@ class MemoryState(AdapterState):
         self._keys: list[str] = []  # sorted, for scans
         self._written: dict[str, float] = {}
         self._clock = clock
+
+    async def setdefault(self, key: str, value: bytes) -> bytes:
+        if check_state_key(key) not in self._values:
+            await self.put({key: value})
+        return self._values[key]
 
     async def prune(self, prefix: str, older_than: float) -> int:
         old = [k for k, v in await self.scan(prefix, limit=len(self._keys) + 1) if self._written[k] < older_than]
@@ -211,6 +221,9 @@ class StoreState(AdapterState):
 
     async def scan(self, prefix: str, limit: int = 1000) -> list[tuple[str, bytes]]:
         return await self.store.state_scan(self.platform, prefix, limit)
+
+    async def setdefault(self, key: str, value: bytes) -> bytes:
+        return await self.store.state_setdefault(self.platform, key, value, self.clock())
 
     async def prune(self, prefix: str, older_than: float) -> int:
         return await self.store.state_prune(self.platform, prefix, older_than)

@@ -652,6 +652,13 @@ async def test_adapter_state_platforms_are_separate(store: Store) -> None:
     assert await store.state_scan("other", "") == []
 
 
+async def test_adapter_state_setdefault_keeps_the_first_value(store: Store) -> None:
+    assert await store.state_setdefault("ap", "key", b"first", 1.0) == b"first"
+    assert await store.state_setdefault("ap", "key", b"second", 2.0) == b"first"
+    assert await store.state_get("ap", ["key"]) == {"key": b"first"}
+    assert await store.state_setdefault("mx", "key", b"other", 3.0) == b"other"  # per platform
+
+
 async def test_adapter_state_prune_deletes_old_keys_under_a_prefix_only(store: Store) -> None:
     await store.state_put("mx", {"r:old": b"1", "r:older": b"2", "keep:old": b"3"}, 10.0)
     await store.state_put("mx", {"r:new": b"4"}, 20.0)

@@ -106,10 +106,8 @@ class ActivityPubAdapter(Adapter):
     async def start(self) -> None:
         await self.session.start()
         raw = await self.ctx.state.get_one(KEY)
-        if raw is None:  # first start: make the key, keep it (another node may race: reread after writing)
-            await self.ctx.state.put({KEY: sig.private_key_pem(sig.generate_rsa_key()).encode()})
-            raw = await self.ctx.state.get_one(KEY)
-        assert raw is not None
+        if raw is None:  # first start: make the key; of nodes starting at once, one key wins for all
+            raw = await self.ctx.state.setdefault(KEY, sig.private_key_pem(sig.generate_rsa_key()).encode())
         self._key = sig.load_private_key(raw.decode())
         self._key_pem = sig.public_key_pem(self._key)
         await self.queues.resume()
@@ -208,9 +206,7 @@ class ActivityPubAdapter(Adapter):
 
     async def collection(self, request: web.Request) -> web.Response:
         # Members are not listed and nothing is counted (no engagement figures).
-        return self._json(enc.collection(str(request.url.with_query(None)).replace(
-            f"{request.url.scheme}://{request.url.host}" + (f":{request.url.port}" if request.url.port else ""),
-            self.urls.base, 1)))
+        return self._json(enc.collection(self.urls.base + request.path))
 
     async def note(self, request: web.Request) -> web.Response:
         raw = await self.ctx.state.get_one(f"note:{unquote(request.match_info['id'])}")

@@ -273,6 +273,11 @@ class Store(abc.ABC):
         key order: by code point, the same on every store."""
 
     @abc.abstractmethod
+    async def state_setdefault(self, platform: str, key: str, value: bytes, now: float) -> bytes:
+        """The value of ``key``, set to ``value`` first if it has none, atomically:
+        of nodes racing to set it, one wins and all read the winner's value."""
+
+    @abc.abstractmethod
     async def state_prune(self, platform: str, prefix: str, older_than: float) -> int:
         """Delete the keys starting with ``prefix`` last written before
         ``older_than`` (Unix seconds); how many were deleted."""

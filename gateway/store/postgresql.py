@@ -720,6 +720,16 @@ class PostgresStore(Store):
         rows = await self._submit(lambda tx: tx.fetch(sql, *args))
         return [(r[0], bytes(r[1])) for r in rows]
 
+    async def state_setdefault(self, platform: str, key: str, value: bytes, now: float) -> bytes:
+        check_state_key(key)
+
+        def run(tx: PgTx) -> bytes:
+            tx.execute("INSERT INTO adapter_state (platform, key, value, updated) VALUES ($1, $2, $3, $4)"
+                       " ON CONFLICT (platform, key) DO NOTHING", platform, key, bytes(value), now)
+            return bytes(tx.fetchval("SELECT value FROM adapter_state WHERE platform = $1 AND key = $2",
+                                     platform, key))
+        return await self._submit(run)
+
     async def state_prune(self, platform: str, prefix: str, older_than: float) -> int:
         check_state_key(prefix)
         end = prefix_end(prefix)

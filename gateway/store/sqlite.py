@@ -526,6 +526,17 @@ class SqliteStore(Store):
         rows = await self._submit(lambda tx: tx.c.execute(sql, args).fetchall())
         return [(k, bytes(v)) for k, v in rows]
 
+    async def state_setdefault(self, platform: str, key: str, value: bytes, now: float) -> bytes:
+        check_state_key(key)
+
+        def run(tx: SqliteTx) -> bytes:
+            tx.c.execute("INSERT OR IGNORE INTO adapter_state (platform, key, value, updated) VALUES (?, ?, ?, ?)",
+                         (platform, key, bytes(value), now))
+            row = tx.c.execute("SELECT value FROM adapter_state WHERE platform = ? AND key = ?",
+                               (platform, key)).fetchone()
+            return bytes(row[0])
+        return await self._submit(run)
+
     async def state_prune(self, platform: str, prefix: str, older_than: float) -> int:
         check_state_key(prefix)
         end = prefix_end(prefix)
