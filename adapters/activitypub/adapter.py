@@ -226,7 +226,7 @@ class ActivityPubAdapter(Adapter):
     # -- inbox ----------------------------------------------------------------------------------------------
     async def inbox(self, request: web.Request) -> web.Response:
         try:
-            activity, actor = await self._verified(request)
+            activity, actor, signature = await self._verified(request)
         except Refused as exc:
             self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
             log.info("refused an activity at %s: %s", request.path, exc)
@@ -242,9 +242,10 @@ class ActivityPubAdapter(Adapter):
                                      headers={"Retry-After": str(exc.retry_after)})
         except dec.APDecodeError as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        self._remember_signature(signature)
         return web.json_response({}, status=202)
 
-    async def _verified(self, request: web.Request) -> tuple[dict[str, Any], str]:
+    async def _verified(self, request: web.Request) -> tuple[dict[str, Any], str, bytes]:
         """The activity and its actor, once every check passed (``Refused`` otherwise)."""
         if request.content_length is not None and request.content_length > self.config.max_body:
             raise Refused(413, "too_large", f"body larger than {self.config.max_body} bytes")
@@ -285,16 +286,21 @@ class ActivityPubAdapter(Adapter):
         digest = hashlib.sha256(signature).digest()
         if digest in self._seen:
             raise Refused(401, "replayed", "this signed request was already received")
-        self._seen[digest] = now
-        while len(self._seen) > SEEN_SIGNATURES or (self._seen and next(iter(self._seen.values())) <
-                                                   now - 2 * self.config.signature_window):
-            self._seen.popitem(last=False)
         actor = dec.id_of(activity.get("actor"))
         assert actor is not None
         if owner != actor:
             raise Refused(401, "signer_not_actor", f"signed by {owner}, but the actor is {actor}")
         self._check_origin(activity, actor)
-        return activity, actor
+        return activity, actor, digest
+
+    def _remember_signature(self, digest: bytes) -> None:
+        """Only once the request was taken: a sender that retries the very same
+        signed request after a 503 is not mistaken for a replay."""
+        now = time.time()
+        self._seen[digest] = now
+        while len(self._seen) > SEEN_SIGNATURES or (self._seen and next(iter(self._seen.values())) <
+                                                   now - 2 * self.config.signature_window):
+            self._seen.popitem(last=False)
 
     @staticmethod
     def _check_origin(activity: Mapping[str, Any], actor: str) -> None:
