@@ -417,7 +417,9 @@ class ActivityPubAdapter(Adapter):
             outcome = result.outcomes[0] if result.outcomes else "accepted"
             # A person the gateway may not carry (banned, on a ban list, without consent) is refused.
             await self._follow(groups[0], actor, activity, accept=outcome in ("accepted", "duplicate"))
-        if kind in ("Create", "Update", "Delete", "Like", "EmojiReact", "Undo"):
+        shared = kind in ("Create", "Update", "Delete", "Like", "EmojiReact") or (
+            kind == "Undo" and any(i.type == "civic.reaction.removed" for i in items))
+        if shared:  # the group shares what it relayed with its members (FEP-1b12); not follows and the like
             for g, (item, outcome) in zip([g for g in groups for _ in items],
                                           zip(inbound, result.outcomes or ("accepted",) * len(inbound))):
                 if outcome == "accepted" and g in self.hosted:
