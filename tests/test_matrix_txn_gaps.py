@@ -1,7 +1,9 @@
-"""The appservice refuses, once, a numbered transaction that skips one, so
-that Synapse goes back into recovery and sends the stranded older one first
-(see ``AppserviceInbound._skips_one``). No homeserver needed: the routes on a
-local aiohttp server, transactions PUT as Synapse would."""
+"""The appservice refuses, once, a numbered transaction that skips one while
+the homeserver may be recovering from the gateway's absence, so that Synapse
+goes back into recovery and sends the stranded older one first; later, gaps
+are other appservices' numbers and pass (see ``AppserviceInbound._skips_one``).
+No homeserver needed: the routes on a local aiohttp server, transactions PUT
+as Synapse would, and a clock of the test's own."""
 
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from adapters.matrix.appservice import AppserviceInbound, InboundHooks
+from adapters.matrix.appservice import GAP_WATCH, AppserviceInbound, InboundHooks
 from adapters.matrix.config import MatrixConfig
-from gateway.adapter import Inbound, IngestResult
+from gateway.adapter import Inbound, IngestResult, Overloaded
 from tests.services import free_port
 
 
@@ -38,13 +40,18 @@ async def test_a_skipped_transaction_is_asked_for_first_and_nothing_is_lost_or_r
                               "as_token": secrets.token_urlsafe(32), "hs_token": secrets.token_urlsafe(32),
                               "appservice_url": f"http://127.0.0.1:{port}/hub"}, MatrixConfig)
     stored: list[str] = []
+    busy = [False]
 
     async def ingest(events: Sequence[Inbound]) -> IngestResult:
+        if busy[0]:
+            busy[0] = False
+            raise Overloaded(503, 1, "busy")
         stored.extend(e.payload.text for e in events)
         return IngestResult(accepted=len(events), duplicates=0)
 
     hooks = Hooks()
-    inbound = AppserviceInbound(ingest, config, "hub", hooks=hooks)
+    now = [1000.0]
+    inbound = AppserviceInbound(ingest, config, "hub", hooks=hooks, clock=lambda: now[0])
     app = web.Application()
     app.add_routes(inbound.routes())
     runner = web.AppRunner(app)
@@ -68,7 +75,13 @@ async def test_a_skipped_transaction_is_asked_for_first_and_nothing_is_lost_or_r
             assert await put("10", 10) == 200      # ... and taken when it comes again (9 never existed)
             assert await put("11", 11) == 200
             assert await put("abc", 12) == 200     # ids that are not numbers are not judged
+            now[0] += GAP_WATCH + 1                 # long after the start and the last refusal:
+            assert await put("20", 20) == 200      # a gap is another appservice's numbers
+            busy[0] = True
+            assert await put("21", 21) == 503      # the gateway refused one: Synapse recovers, watch again
+            assert await put("23", 23) == 503      # so a gap is refused once more
+            assert await put("21", 21) == 200 and await put("23", 23) == 200
     finally:
         await runner.cleanup()
-    assert stored == [f"message {n}" for n in (5, 6, 7, 8, 10, 11, 12)]
-    assert inbound.gaps == 2 and hooks.gaps == 2
+    assert stored == [f"message {n}" for n in (5, 6, 7, 8, 10, 11, 12, 20, 21, 23)]
+    assert inbound.gaps == 3 and hooks.gaps == 3

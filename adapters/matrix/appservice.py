@@ -45,7 +45,7 @@ import hmac
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -64,6 +64,9 @@ APP_PREFIX = "/_matrix/app/v1"
 COMPLETED_TXNS = 4096
 """How many completed transaction ids are remembered (the homeserver only
 resends its oldest unsent one, so a few would do)."""
+GAP_WATCH = 30.0
+"""Seconds after the gateway's start, or after it refused a transaction, in
+which a transaction that skips a number is refused once (see ``_skips_one``)."""
 MAX_BODY = 32 * 1024 * 1024
 """Largest transaction body read (Synapse sends at most 100 events, 100
 ephemeral events and 100 to-device messages per transaction)."""
@@ -87,9 +90,11 @@ class AppserviceInbound:
     ``/v1/platforms/hub``: set it when a reverse proxy rewrites paths)."""
 
     def __init__(self, ingest: Ingest, config: MatrixConfig, platform: str, *, prefix: str | None = None,
-                 completed_max: int = COMPLETED_TXNS, hooks: "InboundHooks | None" = None) -> None:
+                 completed_max: int = COMPLETED_TXNS, hooks: "InboundHooks | None" = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.ingest = ingest
         self.hooks = hooks
+        self.clock = clock
         self.config = config
         self.platform = PlatformName(platform)
         self.prefix = (urlsplit(config.appservice_url).path if prefix is None else prefix).rstrip("/")
@@ -99,6 +104,7 @@ class AppserviceInbound:
         self._completed_max = completed_max
         self._last_number: int | None = None
         self._gap_refused: str | None = None
+        self._watch_until = clock() + GAP_WATCH  # the homeserver may be recovering from our absence
         # counters (for logs, metrics and tests)
         self.transactions = 0
         """Transactions stored and answered 200 (replays not counted)."""
@@ -168,6 +174,7 @@ class AppserviceInbound:
                 await self._store(inbound)
             except Overloaded as exc:
                 self.overloaded += 1
+                self._watch_until = self.clock() + GAP_WATCH  # the homeserver will recover from this refusal
                 log.info("%s: gateway overloaded (%s); the homeserver will send transaction %s again",
                          self.platform, exc, txn_id)
                 extra = {"retry_after_ms": exc.retry_after * 1000} if exc.status == 429 else {}
@@ -234,22 +241,27 @@ class AppserviceInbound:
         return await asyncio.shield(attempt)
 
     def _skips_one(self, txn_id: str) -> bool:
-        """Whether ``txn_id`` skips a transaction (refused once per gap).
+        """Whether ``txn_id`` skips a transaction, while the homeserver may be
+        recovering from the gateway's absence (refused once per gap).
 
-        Synapse numbers its transactions 1, 2, 3 ... per appservice. When the
-        gateway was unreachable, Synapse 1.163 can strand one: a transaction
-        made while the appservice counts as down, just after its recoverer
-        looked for unsent ones and declared it up again, is not sent until the
-        *next* failure (``_TransactionController.send`` against
-        ``_Recoverer.retry``, synapse/appservice/scheduler.py); its events then
-        arrive late and out of order, or never. Refusing the next transaction
-        once puts Synapse back into recovery, which sends the oldest unsent
-        transaction first. Ids that are not numbers (other homeservers) are
-        taken as they come; a refused id that comes again is taken."""
+        When the gateway was unreachable (or refused a transaction), Synapse
+        1.163 can strand one: a transaction made while the appservice counts as
+        down, just after its recoverer looked for unsent ones and declared it
+        up again, is not sent until the *next* failure
+        (``_TransactionController.send`` against ``_Recoverer.retry``,
+        synapse/appservice/scheduler.py); its events arrive late and out of
+        order. Synapse numbers transactions from one sequence shared by all
+        its appservices, so a gap alone proves nothing (another bridge took the
+        numbers between); only within ``GAP_WATCH`` seconds of the gateway's
+        start or of its own refusal is a gap refused, once: that puts Synapse
+        back into recovery, which sends our oldest unsent transaction first (a
+        ping makes it do so at once), and the refused one comes again and is
+        taken. Ids that are not numbers (other homeservers) are taken as they come."""
         if not txn_id.isdigit() or self._last_number is None or txn_id == self._gap_refused:
             return False
-        if int(txn_id) > self._last_number + 1:
+        if int(txn_id) > self._last_number + 1 and self.clock() < self._watch_until:
             self._gap_refused = txn_id
+            self._watch_until = self.clock() + GAP_WATCH  # our refusal starts a recovery too
             return True
         return False
 
