@@ -221,8 +221,11 @@ class Impostor:
         return headers
 
 
-async def test_unsigned_forged_replayed_tampered_and_spoofed_activities_are_refused(net: Net) -> None:
-    inbox = f"{net.group}/inbox"
+@pytest.mark.parametrize("which", ["group", "instance"])
+async def test_unsigned_forged_replayed_tampered_and_spoofed_activities_are_refused(net: Net, which: str) -> None:
+    """At a hosted group's inbox, and at the instance actor's inbox (where a
+    joined group's announcements arrive): the same checks."""
+    inbox = f"{net.group}/inbox" if which == "group" else f"{net.base}/ap/actor/inbox"
 
     def create(actor: str, oid: str, text: str, act_id: str | None = None) -> bytes:
         return orjson.dumps({"@context": "https://www.w3.org/ns/activitystreams", "id": act_id or oid + "#create",

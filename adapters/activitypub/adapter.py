@@ -58,6 +58,8 @@ AP_JSON = "application/activity+json"
 VERSION = "0.1.0"
 KEY = "key:rsa"
 SEEN_SIGNATURES = 100_000
+FOLLOWERS_MAX = 100_000
+"""Followers of one hosted group an announcement reaches (a civic group is far smaller)."""
 
 
 def now_iso(t: float | None = None) -> str:
@@ -480,7 +482,9 @@ class ActivityPubAdapter(Adapter):
     async def _follower_inboxes(self, name: str, exclude: str | None = None) -> list[str]:
         """The inboxes of a hosted group's followers (but ``exclude``), one per
         server where it has a shared inbox."""
-        rows = await self.ctx.state.scan(f"follower:{name}:", limit=100_000)
+        rows = await self.ctx.state.scan(f"follower:{name}:", limit=FOLLOWERS_MAX)
+        if len(rows) >= FOLLOWERS_MAX:
+            log.warning("group %s has more than %d followers: only the first are reached", name, FOLLOWERS_MAX)
         out: dict[str, None] = {}
         for key, raw in rows:
             if key.split(":", 2)[2] == exclude:
