@@ -126,3 +126,27 @@ async def test_the_breaker_leaves_a_failing_host_alone() -> None:
 def test_retry_schedule_spans_days() -> None:
     total = sum(D.retry_delay(n) for n in range(1, 17))
     assert 1.5 * 86400 < total < 4 * 86400
+
+
+async def test_in_a_cluster_the_node_that_leads_a_host_delivers_what_another_queued() -> None:
+    sent: list[str] = []
+
+    async def post(i: D.OutItem) -> int:
+        sent.append(i.body.decode())
+        return 202
+
+    state = MemoryState()  # the shared store
+    a = D.HostQueues(state, post, leads=lambda key: False)
+    b = D.HostQueues(state, post, leads=lambda key: key == "ap-out/far.example")
+    await a.enqueue([item("https://far.example/inbox", 1)])
+    await settle()
+    assert sent == []  # node a does not lead that host
+    watcher = asyncio.get_running_loop().create_task(b.watch(every=0.05))
+    for _ in range(100):
+        if sent:
+            break
+        await asyncio.sleep(0.02)
+    assert sent == ["body 1"] and await state.scan(D.PREFIX) == []
+    await a.close()
+    await b.close()
+    watcher.cancel()

@@ -112,7 +112,7 @@ class ActivityPubAdapter(Adapter):
             raw = await self.ctx.state.setdefault(KEY, sig.private_key_pem(sig.generate_rsa_key()).encode())
         self._key = sig.load_private_key(raw.decode())
         self._key_pem = sig.public_key_pem(self._key)
-        await self.queues.resume()
+        self._tasks.spawn(self.queues.watch(), f"ap-{self.name}-queues")
         for url in sorted(self.remote_groups):
             self._tasks.spawn(self._join_remote(url), f"ap-join-{url}")
 

@@ -38,6 +38,8 @@ PREFIX = "out:"
 BREAKER_FAILURES = 10
 BREAKER_COOL_DOWN = 60.0
 SCAN = 50
+RESUME_SCAN = 10_000
+"""Queued items read to find the hosts with work (they come sorted by host)."""
 RETRIED_4XX = frozenset({401, 408, 429})
 
 
@@ -106,9 +108,19 @@ class HostQueues:
 
     async def resume(self) -> None:
         """Start workers for every host with items waiting (after a start)."""
-        hosts = {key[len(PREFIX):].rsplit(":", 1)[0] for key, _ in await self.state.scan(PREFIX, limit=1_000_000)}
+        hosts = {key[len(PREFIX):].rsplit(":", 1)[0] for key, _ in await self.state.scan(PREFIX, limit=RESUME_SCAN)}
         for host in hosts:
             self._kick(host)
+
+    async def watch(self, every: float = 30.0) -> None:
+        """``resume`` now and every ``every`` seconds: in a cluster another node
+        may have queued items for a host this node leads."""
+        while not self._closing:
+            try:
+                await self.resume()
+            except Exception:  # the store may be busy; next time
+                log.exception("looking for queued deliveries failed")
+            await asyncio.sleep(every)
 
     def pending_hosts(self) -> int:
         return len(self._hosts)
