@@ -148,17 +148,17 @@ class HostQueues:
         prefix = f"{PREFIX}{host}:"
         while not self._closing:
             wake.clear()
+            rows = await self.state.scan(prefix, limit=SCAN)
+            if not rows:
+                return  # nothing queued for this host (any more)
             if not self.leads(f"ap-out/{host}"):
-                await self._wait(wake, 5.0)
+                await self._wait(wake, 5.0)  # another node delivers to it; look again later
                 continue
             failures, open_until = self._breaker.get(host, (0, 0.0))
             now = self.clock()
             if open_until > now:
                 await self._wait(wake, open_until - now)
                 continue
-            rows = await self.state.scan(prefix, limit=SCAN)
-            if not rows:
-                return
             wait = None
             for key, raw in rows:
                 item = _decode(raw)
