@@ -148,9 +148,8 @@ async def test_gateway_killed_mid_transaction_loses_nothing(tmp_path: Path, pyte
         await site.stop()
 
     texts = [e["data"]["text"] for e in site.of_type("civic.message.created")]
-    if texts != sent:
-        print("GOT", [t.split()[1] for t in texts], "CUT", proxy.cut, "LOG", (tmp_path / "gw.log").read_text()[-6000:])
-    assert texts == sent, "lost, duplicated or reordered messages"
+    assert texts == sent, (f"lost, duplicated or reordered messages: got numbers {[t.split()[1] for t in texts]}; "
+                           f"gateway log:\n{(tmp_path / 'gw.log').read_text()[-4000:]}")
     assert kills == KILLS and gw.starts == KILLS + 1
     assert proxy.cut >= 1, "no kill landed while a transaction was with the gateway"
     with capsys.disabled():
