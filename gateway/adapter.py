@@ -271,6 +271,10 @@ class Adapter(abc.ABC):
 
     kind: ClassVar[str]
     Config: ClassVar[type[Struct]]
+    only_one: ClassVar[bool] = False
+    """True when a gateway can hold one platform of this kind at most (e.g. it
+    serves fixed paths such as ``/.well-known/webfinger``); the config check
+    refuses a second one."""
 
     def __init__(self, ctx: AdapterContext) -> None:
         self.ctx = ctx

@@ -232,9 +232,15 @@ def load(path: str | Path) -> Config:
 def validate_adapters(config: Config, find_adapter: Any) -> None:
     """Check every platform's settings against its adapter's config struct and
     store the result in ``adapter_config``. ``find_adapter(kind)`` returns the class."""
+    first_of_kind: dict[str, str] = {}
     for name, pc in config.platforms.items():
         try:
             cls = find_adapter(pc.kind)
         except LookupError as exc:
             raise _error(config.path, config.text, ["platforms", name, "kind"], str(exc)) from None
+        if getattr(cls, "only_one", False):
+            other = first_of_kind.setdefault(pc.kind, name)
+            if other != name:
+                raise _error(config.path, config.text, ["platforms", name, "kind"],
+                             f"one {pc.kind!r} platform per gateway: {other!r} is one already")
         pc.adapter_config = _convert(pc.settings, cls.Config, config.path, config.text, ["platforms", name])

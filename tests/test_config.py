@@ -244,3 +244,20 @@ async def test_backup_copies_a_running_gateways_state(tmp_path, capsys) -> None:
         assert await copy.transact(lambda tx: tx.first_seen(PlatformName("a"), EventId("backed-up"), 0.0)) is False
     finally:
         await copy.close()
+
+
+def test_a_second_platform_of_a_kind_that_allows_one_is_refused_with_its_line() -> None:
+    text = ('[gateway]\nlisten = "127.0.0.1:8080"\n[platforms.fedi]\nkind = "activitypub"\n'
+            'base_url = "https://a.example"\n[platforms.fedi2]\nkind = "activitypub"\nbase_url = "https://b.example"\n'
+            '[[links]]\nname = "l"\ngroups = [{platform = "fedi", group = "x"}, {platform = "fedi2", group = "y"}]\n')
+    config = parse(text, "civic.toml")
+    with pytest.raises(ConfigError) as err:
+        validate_adapters(config, registry.find)
+    assert str(err.value) == ("civic.toml:7: platforms.fedi2.kind: one 'activitypub' platform per gateway: "
+                              "'fedi' is one already")
+    one = parse(text.split("[platforms.fedi2]")[0] + '[platforms.site]\nkind = "webhook"\n'
+                'secret = "whsec_c2VjcmV0LWZvci1kb2NzLW9ubHktMTIzNDU2"\nurl = "https://s.example/in"\n'
+                '[[links]]\nname = "l"\ngroups = [{platform = "fedi", group = "x"}, {platform = "site", group = "y"}]\n',
+                "civic.toml")
+    validate_adapters(one, registry.find)  # one is fine
+    assert one.platforms["fedi"].adapter_config.base_url == "https://a.example"

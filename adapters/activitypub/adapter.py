@@ -80,6 +80,7 @@ class Refused(Exception):
 class ActivityPubAdapter(Adapter):
     kind = "activitypub"
     Config = ActivityPubConfig
+    only_one = True  # it serves /.well-known/webfinger and /ap/...
 
     def __init__(self, ctx: AdapterContext) -> None:
         super().__init__(ctx)
