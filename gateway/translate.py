@@ -22,6 +22,21 @@ class Item(msgspec.Struct, frozen=True):
     event_id: str
 
 
+class Decoded(msgspec.Struct, frozen=True, kw_only=True):
+    """What one native event means: usually one item (some events mean several,
+    e.g. a change of power levels that changes several people's roles)."""
+
+    items: tuple[Item, ...]
+
+    @property
+    def type(self) -> str:
+        return self.items[0].type
+
+    @property
+    def payload(self) -> Any:
+        return self.items[0].payload
+
+
 class Ignored(msgspec.Struct, frozen=True):
     """A native event the gateway does not carry, and why (a code the adapter defines)."""
 

@@ -69,7 +69,7 @@ import aiohttp
 import orjson
 
 from adapters.activitypub import signatures as sig
-from loadtests.relay_bench import cpu_seconds, machine_busy_seconds, own_cpu_seconds, percentile
+from loadtests.relay_bench import cpu_seconds, machine_busy_seconds, own_cpu_seconds, percentile, positive_int
 from tests.clusterkit import Node
 from tests.services import free_port
 from tests.sitekit import Sender, Site, new_secret
@@ -677,13 +677,6 @@ async def main_async(args: argparse.Namespace) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0 if ok else 1
-
-
-def positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return v
 
 
 def main() -> None:

@@ -96,7 +96,7 @@ import msgspec
 
 from adapters.matrix.config import MatrixConfig
 from adapters.matrix.registration import registration_yaml
-from loadtests.relay_bench import cpu_seconds, median, own_cpu_seconds
+from loadtests.relay_bench import cpu_seconds, median, own_cpu_seconds, positive_int
 from tests.clusterkit import Node
 from tests.services import free_port
 from tests.sitekit import Sender, Site, new_secret
@@ -802,13 +802,6 @@ async def main_async(args: argparse.Namespace) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0 if ok else 1
-
-
-def positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return v
 
 
 def main() -> None:

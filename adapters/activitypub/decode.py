@@ -25,11 +25,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import msgspec
 
 from gateway.errors import DecodeError
 from gateway.sanitize import html_to_text
-from gateway.translate import Ignored, Item, schema_problem
+from gateway.translate import Decoded, Ignored, Item, schema_problem
 from schemas.v1 import (
     AccountMove,
     AccountRef,
@@ -62,18 +61,6 @@ class APDecodeError(DecodeError):
 
     def __init__(self, message: str, *, field: str) -> None:
         super().__init__(f"`{field}`: {message}", field=field)
-
-
-class Decoded(msgspec.Struct, frozen=True):
-    items: tuple[Item, ...]
-
-    @property
-    def type(self) -> str:
-        return self.items[0].type
-
-    @property
-    def payload(self) -> Any:
-        return self.items[0].payload
 
 
 # -- helpers for ActivityStreams' loose shapes ----------------------------------------------------
@@ -186,7 +173,7 @@ def decode_activity(activity: Mapping[str, Any], *, platform: str, undone: Mappi
         return Ignored(UNSUPPORTED)
     for item in items:
         _validate(item)
-    return Decoded(tuple(items))
+    return Decoded(items=tuple(items))
 
 
 def _addressed_to_group(activity: Mapping[str, Any], obj: Mapping[str, Any]) -> bool:
@@ -286,7 +273,7 @@ def _undo(activity: Mapping[str, Any], activity_id: str, actor: str,
     else:
         return Ignored(UNSUPPORTED)
     _validate(item)
-    return Decoded((item,))
+    return Decoded(items=(item,))
 
 
 def _flag(activity: Mapping[str, Any], activity_id: str, actor: str) -> Decoded:
@@ -305,7 +292,7 @@ def _flag(activity: Mapping[str, Any], activity_id: str, actor: str) -> Decoded:
                                              member=Actor(account) if account else None, text=text,
                                              reporter=Actor(actor, identity="anonymous")), activity_id)
     _validate(item)
-    return Decoded((item,))
+    return Decoded(items=(item,))
 
 
 def _move(activity: Mapping[str, Any], activity_id: str, actor: str, platform: str,
@@ -325,7 +312,7 @@ def _move(activity: Mapping[str, Any], activity_id: str, actor: str, platform: s
     )
     for item in items:
         _validate(item)
-    return Decoded(items)
+    return Decoded(items=items)
 
 
 def _validate(item: Item) -> None:

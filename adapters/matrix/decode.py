@@ -39,6 +39,7 @@ import msgspec
 from gateway.adapter import Inbound
 from gateway.errors import DecodeError
 from gateway.ids import EventId, GroupId, PlatformName
+from gateway import translate
 from gateway.translate import Ignored, Item, schema_problem
 from schemas.v1 import (
     Actor,
@@ -77,23 +78,13 @@ class MatrixDecodeError(DecodeError):
         super().__init__(f"`{field}`: {message}", field=field)
 
 
-class Decoded(msgspec.Struct, frozen=True):
-    """What one Matrix event means: usually one item (a power-levels change
-    can change several people's roles, one item each)."""
+class Decoded(translate.Decoded, frozen=True, kw_only=True):
+    """What one Matrix event means, in its room and at its time."""
 
     group: str
     """The room id."""
     time: float
     """``origin_server_ts`` in Unix seconds."""
-    items: tuple[Item, ...]
-
-    @property
-    def type(self) -> str:
-        return self.items[0].type
-
-    @property
-    def payload(self) -> Any:
-        return self.items[0].payload
 
     def to_inbound(self, platform: PlatformName, *, now: float) -> list[Inbound]:
         """The ``Inbound`` records for the core (``now`` when the event has no timestamp)."""
