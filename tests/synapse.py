@@ -40,7 +40,10 @@ SYNAPSE_VERSION = "1.163.2"
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache"
 VENV = CACHE / "synapse-venv"
-_MARKER = VENV / f".installed-matrix-synapse-{SYNAPSE_VERSION}"
+CONSTRAINTS = Path(__file__).resolve().parent / "synapse-constraints.txt"
+"""Synapse's own dependencies as tested (refresh: docs/contributing.md)."""
+_MARKER = VENV / (f".installed-matrix-synapse-{SYNAPSE_VERSION}-"
+                  f"{hashlib.sha256(CONSTRAINTS.read_bytes()).hexdigest()[:12]}")
 
 
 # -- installation -------------------------------------------------------------------------
@@ -58,7 +61,8 @@ def ensure_synapse() -> Path:
               "(first run only; this takes a minute or more)", file=sys.stderr, flush=True)
         started = time.monotonic()
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
-        done = subprocess.run([str(python), "-m", "pip", "install", "-q", f"matrix-synapse=={SYNAPSE_VERSION}"],
+        done = subprocess.run([str(python), "-m", "pip", "install", "-q", "-c", str(CONSTRAINTS),
+                               f"matrix-synapse=={SYNAPSE_VERSION}"],
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise ServiceUnavailable(f"pip install matrix-synapse=={SYNAPSE_VERSION} failed:\n"
