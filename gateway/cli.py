@@ -96,7 +96,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     validate_adapters(config, registry.find)
     for warning in config.warnings:
         print(f"civic-gateway: warning: {warning}", file=sys.stderr)
-    print(f"{args.file}: ok ({len(config.platforms)} platforms, {len(config.links)} links)")
+    database = config.gateway.database
+    where = "" if database.startswith(("postgresql://", "postgres://")) else f"; database {database}"
+    print(f"{args.file}: ok ({len(config.platforms)} platforms, {len(config.links)} links{where})")
     return 0
 
 
