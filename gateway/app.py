@@ -9,6 +9,7 @@ traffic, lets delivery wind down and closes everything.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import hmac
 import logging
@@ -318,6 +319,23 @@ class Gateway:
             return False
         given = request.headers.get("Authorization", "")
         return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+async def port_taken(host: str, port: int) -> bool:
+    """Called by ``civic-gateway run`` and ``demo`` before anything starts (so
+    a busy port is reported before the store opens and adapters connect): True
+    if another socket holds ``host:port``. Binds the way aiohttp will, then
+    lets go; the real bind can still lose a race, which its caller reports the
+    same way. Other bind errors are left to the real bind to report."""
+    if port == 0:
+        return False
+    try:
+        server = await asyncio.get_running_loop().create_server(asyncio.Protocol, host, port, reuse_address=True)
+    except OSError as exc:
+        return exc.errno == errno.EADDRINUSE
+    server.close()
+    await server.wait_closed()
+    return False
 
 
 def split_listen(listen: str) -> tuple[str, int]:

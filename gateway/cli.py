@@ -8,13 +8,16 @@
   civic-gateway KIND COMMAND --config FILE [--platform NAME] [--output PATH]
                                          a command an adapter package adds for platforms
                                          of its kind, e.g. `matrix registration`
+  civic-gateway --version                the installed version
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
+import importlib.metadata
 import logging
 import os
 import signal
@@ -22,7 +25,7 @@ import sqlite3
 import sys
 
 from gateway import logs
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, GatewayError
 
 log = logging.getLogger("civic.cli")
 
@@ -44,12 +47,18 @@ async def _wait_for_signal() -> None:
 
 
 async def _run(config_path: str) -> None:
-    from gateway.app import Gateway, split_listen
+    from gateway.app import Gateway, port_taken, split_listen
     from gateway.config import load
 
     config = load(config_path)
     logs.setup(config.gateway.log_format, config.gateway.log_level)
     gw = Gateway(config)
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
+    host, port = split_listen(config.gateway.listen)
+    busy = GatewayError(f"port {port} on {host} is in use: change [gateway] listen in {config_path}")
+    if await port_taken(host, port):
+        raise busy
     try:
         await gw.start()
     except sqlite3.Error as exc:
@@ -57,11 +66,12 @@ async def _run(config_path: str) -> None:
     # What start-up built lives as long as the process: keep it out of the
     # cyclic collector's scans (measured: GC took ~8 % of a relay run before).
     gc.freeze()
-    host, port = split_listen(config.gateway.listen)
     try:
         runner = await gw.serve(host, port)
     except OSError as exc:
         await gw.stop()
+        if exc.errno == errno.EADDRINUSE:  # taken since port_taken looked
+            raise busy from None
         raise ConfigError(f"{config_path}: gateway.listen: cannot listen on {host}:{port}: {exc.strerror}") from None
     log.info("listening", extra={"listen": f"http://{host}:{port}"})
     try:
@@ -84,7 +94,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     config = load(args.file)
     validate_adapters(config, registry.find)
-    print(f"{args.file}: ok ({len(config.platforms)} platforms, {len(config.links)} links)")
+    for warning in config.warnings:
+        print(f"civic-gateway: warning: {warning}", file=sys.stderr)
+    database = config.gateway.database
+    where = "" if database.startswith(("postgresql://", "postgres://")) else f"; database {database}"
+    print(f"{args.file}: ok ({len(config.platforms)} platforms, {len(config.links)} links{where})")
     return 0
 
 
@@ -198,9 +212,21 @@ def _add_platform_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
             c.set_defaults(func=cmd_platform, kind=kind)
 
 
+def _demo_port(text: str) -> int:
+    """``demo --port``: a port that leaves room for the two sites after it."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= port <= 65533:
+        raise argparse.ArgumentTypeError(f"{port}: from 1 to 65533 (the sites use the next two ports)")
+    return port
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="civic-gateway", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"civic-gateway {version()}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the gateway")
     run.add_argument("--config", required=True, help="the TOML config file")
@@ -218,12 +244,20 @@ def parser() -> argparse.ArgumentParser:
     bk.add_argument("dest", help="the new file to write")
     bk.set_defaults(func=cmd_backup)
     demo = sub.add_parser("demo", help="start the gateway with two linked demo community sites")
-    demo.add_argument("--port", type=int, default=8080, help="gateway port; the sites use the next two")
+    demo.add_argument("--port", type=_demo_port, default=8080, help="gateway port; the sites use the next two")
     demo.add_argument("--data-dir", default=None, help="where the demo keeps its SQLite file (default: a temp dir)")
     demo.add_argument("--no-browser", action="store_true", help="only print the addresses")
     demo.set_defaults(func=cmd_demo)
     _add_platform_commands(sub)
     return p
+
+
+def version() -> str:
+    """The installed package's version (its metadata, so it is the one pip installed)."""
+    try:
+        return importlib.metadata.version("civic-gateway")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"civic-gateway: config error: {exc}", file=sys.stderr)
         return 2
+    except GatewayError as exc:  # a refusal the message explains (a newer database, a busy port)
+        print(f"civic-gateway: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

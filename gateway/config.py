@@ -9,10 +9,15 @@ names the key and, when it can be found, its line.
 
 from __future__ import annotations
 
+import contextvars
+import ipaddress
+import os
 import re
 import tomllib
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import SplitResult, urlsplit
 
 import msgspec
 from msgspec import Meta, Struct
@@ -23,12 +28,103 @@ from gateway.ids import GroupId, GroupRef, LinkName, PlatformName
 Name = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 
 
+# -- URL-valued settings -----------------------------------------------------------------
+#
+# One check for every URL a config holds (the core's and each adapter's), called
+# from the settings structs' ``__post_init__``. Errors are ``ValueError("`key`: ...")``,
+# which ``_convert`` turns into "file:line: table.key: ..." like every config error;
+# warnings go through ``warn`` and come out the same way in ``Config.warnings``.
+
+_warnings: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar(
+    "civic_config_warnings", default=None)
+_HOST = re.compile(r"^[\w.-]+$")  # letters (any script), digits, '_', '.', '-'
+
+
+def warn(key: str, message: str) -> None:
+    """Called from a settings struct's ``__post_init__``: a setting that works
+    but probably should not be used as it is. ``check-config`` prints it and
+    ``run`` logs it, with the file, line and key (outside a config conversion
+    it is dropped)."""
+    found = _warnings.get()
+    if found is not None:
+        found.append((key, message))
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or an address in 127.0.0.0/8 or ``::1``."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bad_char(value: str) -> str | None:
+    for ch in value:
+        if ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp"):
+            return "a space" if ch == " " else f"the character U+{ord(ch):04X}"
+    return None
+
+
+def _redacted(url: str) -> str:
+    """``url`` for an error message: a password in it shown as ``***``."""
+    return repr(re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@]*?:)[^/@]*@", r"\1***@", url))
+
+
+def check_url(key: str, url: str, schemes: tuple[str, ...], *, example: str, need_host: bool = True,
+              public_tls: bool = False) -> SplitResult:
+    """Check the URL-valued setting ``key`` and return its parts; a settings
+    struct's ``__post_init__`` calls it for each URL it holds. Refused (with
+    ``ValueError("`key`: ...")``): a scheme not in ``schemes``; whitespace or a
+    control character anywhere (percent-encode them); no host (unless
+    ``need_host`` is false, e.g. a PostgreSQL URL over a Unix socket); a host
+    that is not a name or an IP address; a port outside 1..65535.
+
+    ``public_tls``: the URL is where other servers on the internet reach the
+    gateway (ActivityPub's ``base_url``), so it must be ``https``; plain
+    ``http`` is only accepted on a loopback host (tests, a reverse proxy's
+    upstream), with a warning."""
+    shown = f"e.g. \"{example}\""
+    shown_url = _redacted(url)
+    bad = _bad_char(url)
+    if bad is not None:
+        raise ValueError(f"`{key}`: {bad} is not allowed in a URL (percent-encode it), in {shown_url}")
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. a bracketed host that is not an IPv6 address
+        raise ValueError(f"`{key}`: not a valid URL ({exc}): {shown_url}") from None
+    if parts.scheme.lower() not in schemes or not url.lower().startswith(parts.scheme.lower() + "://"):
+        wanted = " or ".join(f"{s}://" for s in schemes)
+        raise ValueError(f"`{key}`: expected {wanted}..., {shown}, not {shown_url}")
+    multi_host = "," in parts.netloc  # libpq's host1:port1,host2:port2
+    host = parts.hostname or ""
+    if need_host and not host.strip("."):
+        raise ValueError(f"`{key}`: the URL names no host, {shown}, not {shown_url}")
+    if host and not multi_host and "[" not in parts.netloc and not _HOST.match(host):
+        raise ValueError(f"`{key}`: {host!r} is not a host name or IP address, {shown}")
+    if not multi_host:
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port is not None and not 1 <= port <= 65535:
+            raise ValueError(f"`{key}`: the port must be a number from 1 to 65535, in {shown_url}")
+    if public_tls and parts.scheme.lower() != "https":
+        if not is_loopback(host):
+            raise ValueError(f"`{key}`: must be https:// (fediverse servers only talk to https), not {shown_url}")
+        warn(key, f"plain http on {host} is only reachable from this machine, and fediverse servers "
+                  f"talk to https only: use this for tests, not for the public address")
+    return parts
+
+
 class GatewaySettings(Struct, forbid_unknown_fields=True, kw_only=True):
     listen: str = "127.0.0.1:8080"
     """host:port of the HTTP server (site ingress, metrics, admin API)."""
     database: str = "civic-gateway.db"
-    """A SQLite file path (the embedded default), or a ``postgresql://`` URL
-    (shared by the nodes of a cluster)."""
+    """A SQLite file path (the embedded default; a relative one is taken from
+    the config file's folder), or a ``postgresql://`` URL (shared by the nodes
+    of a cluster)."""
     bus: str = "local"
     """``local``: the in-process bus of one process (the embedded default);
     ``mqtt://[user:password@]host:port`` (or ``mqtts://``): an MQTT 5 broker
@@ -62,6 +158,14 @@ class GatewaySettings(Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(f"`listen`: expected host:port, e.g. \"127.0.0.1:8080\", not {self.listen!r}")
         if self.bus != "local" and not self.bus.startswith(("mqtt://", "mqtts://")):
             raise ValueError(f"`bus`: expected \"local\" or an mqtt:// URL, not {self.bus!r}")
+        if self.bus != "local":
+            check_url("bus", self.bus, ("mqtt", "mqtts"), example="mqtt://broker.example:1883")
+        if self.database.startswith(("postgresql://", "postgres://")):
+            check_url("database", self.database, ("postgresql", "postgres"), need_host=False,
+                      example="postgresql://civic@db.example/civic")
+        bad = _bad_char(self.source)
+        if bad is not None or not self.source:
+            raise ValueError(f"`source`: a URI without spaces, e.g. \"urn:civic-gateway\", not {self.source!r}")
         if self.bus != "local" and not self.database.startswith(("postgresql://", "postgres://")):
             raise ValueError("`bus`: a cluster bus needs a shared store: set `database` to a postgresql:// URL")
         if self.node is not None and not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.node):
@@ -105,6 +209,9 @@ class Config(Struct):
     links: list[LinkConfig]
     path: str = "<memory>"
     text: str = ""
+    warnings: list[str] = []
+    """Settings that work but are probably not meant ("file:line: key: why"),
+    from ``parse`` and ``validate_adapters``: check-config prints them, run logs them."""
 
 
 def _line_of(text: str, path: list[str | int]) -> int | None:
@@ -147,16 +254,25 @@ def _line_of(text: str, path: list[str | int]) -> int | None:
     return start + 1
 
 
-def _error(cfg_path: str, text: str, path: list[str | int], message: str) -> ConfigError:
+def _located(cfg_path: str, text: str, path: list[str | int], message: str) -> str:
     dotted = ".".join(f"[{p}]" if isinstance(p, int) else p for p in path).replace(".[", "[")
     line = _line_of(text, path)
     where = f"{cfg_path}:{line}" if line else cfg_path
-    return ConfigError(f"{where}: {dotted}: {message}")
+    return f"{where}: {dotted}: {message}"
 
 
-def _convert(value: Any, typ: type, cfg_path: str, text: str, prefix: list[str | int]) -> Any:
+def _error(cfg_path: str, text: str, path: list[str | int], message: str) -> ConfigError:
+    return ConfigError(_located(cfg_path, text, path, message))
+
+
+def _convert(value: Any, typ: type, cfg_path: str, text: str, prefix: list[str | int],
+             warnings: list[str] | None = None) -> Any:
+    """``msgspec.convert`` with errors (and the ``warn``ings of ``__post_init__``
+    checks, appended to ``warnings``) naming the key and its line."""
+    found: list[tuple[str, str]] = []
+    token = _warnings.set(found)
     try:
-        return msgspec.convert(value, typ)
+        result = msgspec.convert(value, typ)
     except msgspec.ValidationError as exc:
         msg = str(exc)
         m = re.search(r" - at `\$(.*)`$", msg)
@@ -178,6 +294,14 @@ def _convert(value: Any, typ: type, cfg_path: str, text: str, prefix: list[str |
             sub.append(m4.group(1))
             msg = m4.group(2)
         raise _error(cfg_path, text, prefix + sub, msg) from None
+    finally:
+        _warnings.reset(token)
+    if warnings is not None:
+        for key, message in found:
+            line = _located(cfg_path, text, [*prefix, key], message)
+            if line not in warnings:
+                warnings.append(line)
+    return result
 
 
 def parse(text: str, path: str = "<memory>") -> Config:
@@ -191,7 +315,8 @@ def parse(text: str, path: str = "<memory>") -> Config:
     if unknown:
         key = sorted(unknown)[0]
         raise _error(path, text, [key], "unknown top-level table (expected gateway, platforms, links)")
-    gateway = _convert(raw.get("gateway", {}), GatewaySettings, path, text, ["gateway"])
+    warnings: list[str] = []
+    gateway = _convert(raw.get("gateway", {}), GatewaySettings, path, text, ["gateway"], warnings)
     platforms: dict[PlatformName, PlatformConfig] = {}
     for name, table in (raw.get("platforms") or {}).items():
         if not isinstance(table, dict):
@@ -217,16 +342,35 @@ def parse(text: str, path: str = "<memory>") -> Config:
                              f"group {j} names platform {ref.platform!r}, which is not configured")
         if len(set(refs)) != len(refs):
             raise _error(path, text, ["links", i, "groups"], "a group is listed twice")
-    return Config(gateway=gateway, platforms=platforms, links=links, path=path, text=text)
+    return Config(gateway=gateway, platforms=platforms, links=links, path=path, text=text, warnings=warnings)
+
+
+def resolve_database(database: str, folder: str | Path) -> str:
+    """A relative SQLite ``database`` path (or ``sqlite:///relative``) made
+    absolute against ``folder``, the config file's; URLs and absolute paths
+    are returned as they are. So the gateway finds its state wherever it is
+    started from (a service manager's working directory is often ``/``)."""
+    if database.startswith(("postgresql://", "postgres://")) or database == ":memory:":
+        return database
+    prefix = "sqlite:///" if database.startswith("sqlite:///") else ""
+    file = database[len(prefix):]
+    if os.path.isabs(file):
+        return database
+    return prefix + os.path.join(os.path.abspath(folder), file)
 
 
 def load(path: str | Path) -> Config:
+    """The config in the file at ``path`` (called by every CLI command): as
+    ``parse``, with a relative SQLite ``database`` resolved against the file's
+    folder (``resolve_database``)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read the config file: {exc.strerror}") from None
-    return parse(text, str(p))
+    config = parse(text, str(p))
+    config.gateway.database = resolve_database(config.gateway.database, p.parent)
+    return config
 
 
 def validate_adapters(config: Config, find_adapter: Any) -> None:
@@ -243,4 +387,5 @@ def validate_adapters(config: Config, find_adapter: Any) -> None:
             if other != name:
                 raise _error(config.path, config.text, ["platforms", name, "kind"],
                              f"one {pc.kind!r} platform per gateway: {other!r} is one already")
-        pc.adapter_config = _convert(pc.settings, cls.Config, config.path, config.text, ["platforms", name])
+        pc.adapter_config = _convert(pc.settings, cls.Config, config.path, config.text, ["platforms", name],
+                                     config.warnings)

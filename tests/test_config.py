@@ -261,3 +261,109 @@ def test_a_second_platform_of_a_kind_that_allows_one_is_refused_with_its_line() 
                 "civic.toml")
     validate_adapters(one, registry.find)  # one is fine
     assert one.platforms["fedi"].adapter_config.base_url == "https://a.example"
+
+
+# -- URL-valued settings: one check (gateway.config.check_url) for all of them ---------------
+
+MATRIX = ('[platforms.mx]\nkind = "matrix"\nhomeserver = "https://matrix.example.org"\nserver_name = "example.org"\n'
+          f'as_token = "{"a" * 32}"\nhs_token = "{"h" * 32}"\nappservice_url = "https://gw.example.org/mx"\n')
+URL_PLATFORMS = {
+    "webhook": platform("site"),
+    "activitypub": '[platforms.fedi]\nkind = "activitypub"\nbase_url = "https://gw.example.org"\n',
+    "matrix": MATRIX,
+    "mqtt": '[platforms.m]\nkind = "mqtt"\nbroker = "mqtts://broker.example:8883"\n',
+}
+URL_KEYS = {  # key -> (its platform kind, its table in messages)
+    "url": ("webhook", "platforms.site"),
+    "base_url": ("activitypub", "platforms.fedi"),
+    "homeserver": ("matrix", "platforms.mx"),
+    "appservice_url": ("matrix", "platforms.mx"),
+    "media_url": ("matrix", "platforms.mx"),
+    "broker": ("mqtt", "platforms.m"),
+}
+
+
+def with_url(key: str, value: str) -> str:
+    """A config whose ``key`` (one of URL_KEYS) is ``value`` (TOML basic-string text), on a line of its own."""
+    kind, _table = URL_KEYS[key]
+    table = URL_PLATFORMS[kind]
+    lines = [line for line in table.splitlines() if not line.startswith(f"{key} =")]
+    lines.append(f'{key} = "{value}"')
+    return '[gateway]\nlisten = "127.0.0.1:8080"\n\n' + "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("key", sorted(URL_KEYS))
+@pytest.mark.parametrize(("value", "reason"), [
+    ("SCHEME://", "names no host"),
+    ("SCHEME://exa mple.org", "a space is not allowed"),
+    ("SCHEME://example.org/a b", "a space is not allowed"),
+    ("SCHEME://example.org/\\u0007", "U+0007 is not allowed"),
+    ("SCHEME://example.org\\t", "U+0009 is not allowed"),
+    ("SCHEME://example.org:0", "port must be a number from 1 to 65535"),
+    ("SCHEME://example.org:65536", "port must be a number from 1 to 65535"),
+    ("SCHEME://example.org:http", "port must be a number from 1 to 65535"),
+    ("SCHEME://exa<mple.org", "is not a host name or IP address"),
+    ("SCHEME:/example.org", "expected "),
+    ("gopher://example.org", "expected "),
+])
+def test_every_url_setting_is_checked_and_named_with_its_line(key: str, value: str, reason: str) -> None:
+    scheme = "mqtts" if key == "broker" else "https"
+    text = with_url(key, value.replace("SCHEME", scheme))
+    msg = error_of(text)
+    table = URL_KEYS[key][1]
+    assert msg.startswith(f"civic.toml:{line_of(text, f'{key} =')}: {table}.{key}: "), msg
+    assert reason in msg
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("url", "https://site.example/civic/inbox"), ("url", "http://[::1]:8080/in"),
+    ("url", "http://10.0.0.5:8080/in?x=1"), ("homeserver", "http://synapse:8008"),
+    ("media_url", "https://gw.example.org/media"), ("broker", "mqtt://user:pw@broker.example"),
+    ("base_url", "https://gw.example.org/"), ("url", "https://bücher.example/in"),
+])
+def test_good_urls_pass_without_warnings(key: str, value: str) -> None:
+    config = load_full(with_url(key, value))
+    assert config.warnings == []
+
+
+def test_bus_and_database_urls_are_checked_too() -> None:
+    pg = 'database = "postgresql://civic@db.example/civic"\n'
+    text = GATEWAY.replace('database = "gw.db"\n', pg) + 'bus = "mqtt://broker example:1883"\n'
+    msg = error_of(text)
+    assert msg.startswith(f"civic.toml:{line_of(text, 'bus =')}: gateway.bus: a space is not allowed"), msg
+    text = GATEWAY.replace('database = "gw.db"\n', 'database = "postgresql://civic:s3cret@db.example:99999/civic"\n')
+    msg = error_of(text)
+    assert msg.startswith(f"civic.toml:{line_of(text, 'database =')}: gateway.database: the port must be"), msg
+    assert "s3cret" not in msg and "***" in msg  # a password never lands in an error message
+    # A Unix-socket PostgreSQL URL has no host, and libpq's several hosts are fine.
+    for ok in ("postgresql:///civic?host=/run/postgresql", "postgresql://a.example:5432,b.example:5433/civic"):
+        load_full(GATEWAY.replace('database = "gw.db"\n', f'database = "{ok}"\n'))
+
+
+def test_a_password_in_a_bad_broker_url_is_not_shown() -> None:
+    msg = error_of(with_url("broker", "mqtt://civic:hunter2@broker example"))
+    assert "platforms.m.broker: a space" in msg and "hunter2" not in msg
+
+
+@pytest.mark.parametrize("base", ["http://gw.example.org", "http://192.168.1.10:8080", "http://127.example.org"])
+def test_activitypub_base_url_must_be_https_off_loopback(base: str) -> None:
+    text = with_url("base_url", base)
+    msg = error_of(text)
+    assert msg == (f"civic.toml:{line_of(text, 'base_url =')}: platforms.fedi.base_url: must be https:// "
+                   f"(fediverse servers only talk to https), not {base!r}")
+
+
+@pytest.mark.parametrize("base", ["http://127.0.0.1:8080", "http://127.3.4.5", "http://localhost:8080",
+                                  "http://[::1]:8080"])
+def test_check_config_warns_about_plain_http_activitypub_on_loopback(base: str, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "civic.toml"
+    text = with_url("base_url", base)
+    path.write_text(text, encoding="utf-8")
+    assert cli.main(["check-config", str(path)]) == 0
+    out = capsys.readouterr()
+    assert "ok" in out.out
+    assert out.err.startswith(f"civic-gateway: warning: {path}:{line_of(text, 'base_url =')}: "
+                              f"platforms.fedi.base_url: plain http on "), out.err
+    assert "fediverse servers talk to https only" in out.err
+    assert len(out.err.splitlines()) == 1

@@ -26,7 +26,8 @@ import pytest
 
 from gateway import ids
 from gateway.ids import ACTOR, MESSAGE, CanonicalId, EventId, GroupId, GroupRef, LinkName, PlatformName
-from gateway.store.base import Mapping, ModerationEntry, OutboxItem, Store, Tx
+from gateway.store import postgresql
+from gateway.store.base import Mapping, ModerationEntry, OutboxItem, SchemaTooNew, Store, Tx
 from gateway.store.postgresql import PgTx, PostgresStore
 from gateway.store.sqlite import SqliteStore, migrations
 from tests.services import temp_database
@@ -161,6 +162,26 @@ async def test_migrations_idempotent_and_data_survives_reopen(store: Store, reop
     s3 = await reopen(s2)
     assert await s3.transact(lambda tx: tx.lookup(P("a"), "g", MESSAGE, "n2")) == (C("c2"), ids.COPY)
     assert [i.seq for i in await s3.outbox_page(G("b", "g"), 0, 10)] == [seq]
+
+
+def _record_migration(tx: Any, version: int) -> None:
+    """What a newer civic-gateway's migration leaves behind: its number in schema_migrations."""
+    if isinstance(tx, PgTx):
+        tx.execute("INSERT INTO schema_migrations (version, applied) VALUES ($1, 0)", version)
+    else:
+        tx.c.execute("INSERT INTO schema_migrations (version, applied) VALUES (?, 0)", (version,))
+
+
+async def test_a_database_written_by_a_newer_version_is_refused(store: Store, reopen: Any) -> None:
+    """An older gateway must not run on (or migrate) tables a newer one changed: open fails and says what to do."""
+    known = migrations()[-1][0]
+    assert postgresql.migrations()[-1][0] == known  # both dialects know the same numbers
+    await store.transact(lambda tx: tx.map(P("a"), "g", MESSAGE, "n1", C("c1"), ids.ORIGIN))
+    await store.transact(lambda tx: _record_migration(tx, known + 2))
+    with pytest.raises(SchemaTooNew) as info:
+        await reopen(store)
+    assert str(info.value) == (f"this database was written by a newer civic-gateway (schema {known + 2}, "
+                               f"this version knows up to {known}): upgrade civic-gateway or restore a backup")
 
 
 async def test_transact_is_committed_when_it_returns(store: Store, reopen: Any) -> None:

@@ -12,11 +12,13 @@ A link names a fediverse group in one of two ways (docs/activitypub.md):
 from __future__ import annotations
 
 from typing import Annotated
-from urllib.parse import urlsplit
 
 from msgspec import Meta, Struct
 
-HttpUrl = Annotated[str, Meta(pattern=r"^https?://\S+$", max_length=2048)]
+from gateway.config import check_url
+
+HttpUrl = Annotated[str, Meta(max_length=2048)]
+"""A URL, checked by ``gateway.config.check_url`` in ``__post_init__``."""
 
 
 class GroupSettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -50,7 +52,9 @@ class ActivityPubConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     """A delivery still failing after this long is given up (Mastodon retries for about 3 days)."""
 
     def __post_init__(self) -> None:
-        parts = urlsplit(self.base_url)
+        # https only; plain http on a loopback host is accepted with a warning (tests).
+        parts = check_url("base_url", self.base_url, ("https", "http"), public_tls=True,
+                          example="https://gateway.example.org")
         if parts.query or parts.fragment or not parts.hostname or (parts.path not in ("", "/")):
             raise ValueError(f"`base_url`: expected a scheme and host only, e.g. \"https://gateway.example.org\", "
                              f"not {self.base_url!r}")

@@ -7,9 +7,10 @@ the registration file the homeserver loads (docs/matrix.md)."""
 from __future__ import annotations
 
 from typing import Annotated
-from urllib.parse import urlsplit
 
 from msgspec import Meta, Struct
+
+from gateway.config import check_url
 
 # Matrix grammar (spec, Appendices: identifier grammar): a user localpart is
 # made of a-z 0-9 . _ = - / + ; a server name is a host name, an IPv4 address
@@ -18,7 +19,8 @@ Localpart = Annotated[str, Meta(pattern=r"^[a-z0-9._=/+-]+$", min_length=1, max_
 ServerName = Annotated[str, Meta(pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,255})(:[0-9]{1,5})?$")]
 # Tokens travel as ``Authorization: Bearer``: token68 characters only.
 Token = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._~+/=-]+$", min_length=32, max_length=512)]
-HttpUrl = Annotated[str, Meta(pattern=r"^https?://\S+$")]
+HttpUrl = Annotated[str, Meta(max_length=2048)]
+"""An http(s) URL, checked by ``gateway.config.check_url`` in ``__post_init__``."""
 
 
 class MatrixConfig(Struct, forbid_unknown_fields=True, kw_only=True, dict=True):
@@ -70,7 +72,7 @@ class MatrixConfig(Struct, forbid_unknown_fields=True, kw_only=True, dict=True):
             url = getattr(self, key)
             if url is None:
                 continue
-            parts = urlsplit(url)
+            parts = check_url(key, url, ("http", "https"), example="https://matrix.example.org")
             if parts.query or parts.fragment or not parts.hostname:
                 raise ValueError(f"`{key}`: expected a base URL without query or fragment, not {url!r}")
             setattr(self, key, url.rstrip("/"))

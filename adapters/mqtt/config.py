@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from typing import Annotated, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from msgspec import Meta, Struct
+
+from gateway.config import check_url
 
 MAX_MQTT_PAYLOAD = 268_435_455
 """The largest packet MQTT can carry at all."""
@@ -56,15 +58,8 @@ class MqttConfig(Struct, forbid_unknown_fields=True, kw_only=True, dict=True):
 
     def __post_init__(self) -> None:
         # Errors name the key (`key`: ...) so the core can point at its line.
-        try:
-            parts = urlsplit(self.broker)
-            port = parts.port
-        except ValueError as exc:
-            raise ValueError(f"`broker`: not a valid URL ({exc})") from None
-        if parts.scheme not in ("mqtt", "mqtts"):
-            raise ValueError(f"`broker`: expected mqtt://host:port or mqtts://host:port, not {self.broker!r}")
-        if not parts.hostname:
-            raise ValueError("`broker`: the URL names no host")
+        parts = check_url("broker", self.broker, ("mqtt", "mqtts"), example="mqtts://broker.example:8883")
+        port = parts.port
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ValueError("`broker`: only scheme, user, password, host and port, no path or query")
         self.tls = parts.scheme == "mqtts"

@@ -7,12 +7,13 @@ from typing import Annotated
 from msgspec import Meta, Struct
 
 from adapters.webhook.signing import secret_key
+from gateway.config import check_url
 
 
 class WebhookConfig(Struct, forbid_unknown_fields=True, kw_only=True, dict=True):
     secret: str
     """Shared secret, ``whsec_<base64>``; signs both directions."""
-    url: Annotated[str, Meta(pattern=r"^https?://")]
+    url: Annotated[str, Meta(max_length=2048)]
     """Where the gateway POSTs events for this site."""
     batch_max: Annotated[int, Meta(ge=1, le=1000)] = 20
     """Most events in one delivery; 1 sends single events only."""
@@ -26,6 +27,7 @@ class WebhookConfig(Struct, forbid_unknown_fields=True, kw_only=True, dict=True)
     """Most open connections to the site."""
 
     def __post_init__(self) -> None:
+        check_url("url", self.url, ("http", "https"), example="https://site.example/civic/inbox")
         try:
             self.key = secret_key(self.secret)
         except ValueError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import logging
 import os
 import signal
@@ -18,8 +19,9 @@ import webbrowser
 from pathlib import Path
 
 from gateway import logs
-from gateway.app import Gateway
+from gateway.app import Gateway, port_taken
 from gateway.config import parse
+from gateway.errors import GatewayError
 from gateway.demo.site import make_site_app, start_site
 
 log = logging.getLogger("civic.demo")
@@ -42,6 +44,12 @@ def demo_config(port: int, data_dir: Path, secrets: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def busy_port(taken: int, port: int) -> GatewayError:
+    """The error for a demo port that another process holds."""
+    return GatewayError(f"port {taken} on 127.0.0.1 is in use: pass --port N to use other ports "
+                        f"(the demo takes N, N+1 and N+2; now {port}..{port + len(SITES)})")
+
+
 async def run_demo(port: int = 8080, data_dir: str | None = None, open_browser: bool = True) -> None:
     logs.setup("text", "info")
     tmp = None
@@ -50,16 +58,35 @@ async def run_demo(port: int = 8080, data_dir: str | None = None, open_browser: 
         data_dir = tmp.name
     Path(data_dir).mkdir(parents=True, exist_ok=True)
     secrets = {name: "whsec_" + base64.b64encode(os.urandom(24)).decode() for name, *_ in SITES}
+    ports = [port + i for i in range(len(SITES) + 1)]
+    for p in ports:  # before anything starts
+        if await port_taken("127.0.0.1", p):
+            raise busy_port(p, port)
     gw = Gateway(parse(demo_config(port, Path(data_dir), secrets), "<demo>"))
     await gw.start()
-    runner = await gw.serve("127.0.0.1", port)
+    runner = None
     site_runners = []
     urls = []
-    for i, (name, title, theme, group) in enumerate(SITES, start=1):
-        app = make_site_app(title=title, platform=name, group=group, gateway_url=f"http://127.0.0.1:{port}",
-                            secret=secrets[name], theme=theme)
-        site_runners.append(await start_site(app, "127.0.0.1", port + i))
-        urls.append((title, f"http://127.0.0.1:{port + i}/"))
+    binding = port
+    try:
+        runner = await gw.serve("127.0.0.1", port)
+        for i, (name, title, theme, group) in enumerate(SITES, start=1):
+            binding = port + i
+            app = make_site_app(title=title, platform=name, group=group, gateway_url=f"http://127.0.0.1:{port}",
+                                secret=secrets[name], theme=theme)
+            site_runners.append(await start_site(app, "127.0.0.1", binding))
+            urls.append((title, f"http://127.0.0.1:{binding}/"))
+    except OSError as exc:  # a port taken since port_taken looked
+        for r in site_runners:
+            await r.cleanup()
+        if runner is not None:
+            await runner.cleanup()
+        await gw.stop()
+        if tmp is not None:
+            tmp.cleanup()
+        if exc.errno == errno.EADDRINUSE:
+            raise busy_port(binding, port) from None
+        raise
     print("\ncivic-gateway demo is running. Open both sites side by side:")
     for title, url in urls:
         print(f"  {title:34} {url}")

@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 from msgspec import Struct
 
+from gateway.errors import GatewayError
 from gateway.ids import CanonicalId, EventId, GroupId, GroupRef, LinkName, NativeId, PlatformName
 from schemas.v1 import EVENT_TYPES
 
@@ -25,6 +26,24 @@ T = TypeVar("T")
 
 
 _encode_body = msgspec.msgpack.Encoder().encode
+
+
+class SchemaTooNew(GatewayError):
+    """The database holds a migration this code does not ship: a newer
+    civic-gateway wrote it, and this one must not read or change it."""
+
+
+def refuse_newer_schema(applied: collections.abc.Iterable[int], known: Sequence[tuple[int, str]]) -> None:
+    """Called by each backend's migration step, before it applies anything:
+    raise ``SchemaTooNew`` if ``applied`` (the database's migration numbers)
+    has one above the highest of ``known`` (the migrations shipped here).
+    An older gateway would otherwise run on tables it does not understand
+    (and a later upgrade would find them changed behind its back)."""
+    newest = max(applied, default=0)
+    knows = max((v for v, _ in known), default=0)
+    if newest > knows:
+        raise SchemaTooNew(f"this database was written by a newer civic-gateway (schema {newest}, this version "
+                           f"knows up to {knows}): upgrade civic-gateway or restore a backup")
 
 
 def encode_payload(payload: object) -> bytes:

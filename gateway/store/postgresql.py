@@ -58,6 +58,7 @@ from gateway.store.base import (
     Store,
     check_state_key,
     prefix_end,
+    refuse_newer_schema,
 )
 from gateway.store.jobs import Job, settle
 
@@ -282,7 +283,9 @@ async def _migrate(conn: asyncpg.Connection) -> None:
         await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations"
                            " (version INTEGER PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)")
         done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        for version, sql in migrations():
+        known = migrations()
+        refuse_newer_schema(done, known)
+        for version, sql in known:
             if version in done:
                 continue
             log.info("applying store migration %04d (PostgreSQL)", version)
