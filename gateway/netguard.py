@@ -31,7 +31,7 @@ import re
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import aiohttp
 import idna
@@ -89,6 +89,49 @@ def ascii_host(host: str) -> str:
         if not _HOST_LABEL.fullmatch(label):
             raise ValueError(f"host label {label[:70]!r} is not 1-63 letters, digits, '-' or '_'")
     return host.lower()
+
+
+def parse_url(url: object, *, max_length: int = MAX_URL) -> SplitResult:
+    """The parts of ``url`` if it is a well-formed http(s) URL (see the module
+    docstring; its syntax only, no address is looked at), else ``BadURL``.
+    Callers that take URLs from others (an inbox reading ids) use it too, so
+    that nothing deeper meets a URL that every layer would not read alike."""
+    if not isinstance(url, str) or not url:
+        raise BadURL(url, "not a URL")
+    if len(url) > max_length:
+        raise BadURL(url, f"longer than {max_length} characters")
+    if _UNSAFE.search(url):
+        raise BadURL(url, "control characters, spaces or undecodable bytes in a URL")
+    try:
+        parts = urlsplit(url)
+        hostname, port = parts.hostname, parts.port
+    except ValueError as exc:  # a bad IPv6 literal, a port out of range, NFKC tricks (U+FF03 ...)
+        raise BadURL(url, str(exc)) from None
+    if parts.scheme not in ("http", "https"):
+        raise BadURL(url, "only http(s) URLs")
+    if not hostname:
+        raise BadURL(url, "no host")
+    if parts.username is not None or parts.password is not None:
+        raise BadURL(url, "user info in a URL")
+    if port == 0:
+        raise BadURL(url, "port 0")
+    if "[" in parts.netloc:
+        if not _is_ip(hostname.split("%", 1)[0]):
+            raise BadURL(url, "not an IPv6 address between brackets")
+    elif not _is_ip(hostname):
+        try:
+            ascii_host(hostname)
+        except ValueError as exc:
+            raise BadURL(url, str(exc)) from None
+    return parts
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class AddressRefused(OSError):
@@ -166,38 +209,13 @@ class GuardedSession:
             self._session = None
 
     def check_url(self, url: str) -> None:
-        """``BadURL`` unless ``url`` is a well-formed http(s) URL (see the
-        module docstring) and, for a literal IP, an allowed address."""
-        if not isinstance(url, str) or not url:
-            raise BadURL(url, "not a URL")
-        if len(url) > MAX_URL:
-            raise BadURL(url, f"longer than {MAX_URL} characters")
-        if _UNSAFE.search(url):
-            raise BadURL(url, "control characters, spaces or undecodable bytes in a URL")
-        try:
-            parts = urlsplit(url)
-            hostname, port = parts.hostname, parts.port
-        except ValueError as exc:  # a bad IPv6 literal, a port out of range, NFKC tricks (U+FF03 ...)
-            raise BadURL(url, str(exc)) from None
-        if parts.scheme not in ("http", "https"):
-            raise BadURL(url, "only http(s) URLs")
-        if not hostname:
-            raise BadURL(url, "no host")
-        if parts.username is not None or parts.password is not None:
-            raise BadURL(url, "user info in a URL")
-        if port == 0:
-            raise BadURL(url, "port 0")
-        try:
-            ip = ipaddress.ip_address(hostname.split("%", 1)[0] if "[" in parts.netloc else hostname)
-        except ValueError:
-            if "[" in parts.netloc:
-                raise BadURL(url, "not an IPv6 address between brackets") from None
-            try:
-                ascii_host(hostname)
-            except ValueError as exc:
-                raise BadURL(url, str(exc)) from None
+        """``BadURL`` unless ``url`` is a well-formed http(s) URL (``parse_url``)
+        and, for a literal IP, an allowed address."""
+        parts = parse_url(url)
+        if parts.hostname and "[" not in parts.netloc and not _is_ip(parts.hostname):
             return  # a host name: the resolver checks its addresses
-        if not address_allowed(str(ip), allow_private=self.allow_private):
+        hostname = (parts.hostname or "").split("%", 1)[0]
+        if not address_allowed(hostname, allow_private=self.allow_private):
             raise FetchError(f"{url}: the gateway may not connect to {hostname}", transient=False)
 
     async def request(self, method: str, url: str, *, max_bytes: int, body: bytes | None = None,

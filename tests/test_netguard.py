@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from gateway.netguard import BadURL, FetchError, GuardedSession, address_allowed, ascii_host
+from gateway.netguard import BadURL, FetchError, GuardedSession, address_allowed, ascii_host, parse_url
 from tests.services import free_port
 
 
@@ -171,3 +171,15 @@ async def test_a_redirect_to_a_malformed_url_is_a_bad_url(server: str) -> None:
             await s.request("GET", f"{server}/rawhop?to=http://%5B", max_bytes=1000)
     finally:
         await s.close()
+
+
+@pytest.mark.parametrize("url", MALFORMED.values(), ids=MALFORMED.keys())
+def test_parse_url_is_the_same_check_for_callers_that_only_read_urls(url: str) -> None:
+    with pytest.raises(BadURL):
+        parse_url(url)
+
+
+def test_parse_url_takes_a_shorter_limit() -> None:
+    assert parse_url("https://example.org/" + "a" * 100, max_length=200).hostname == "example.org"
+    with pytest.raises(BadURL, match="longer than 50"):
+        parse_url("https://example.org/" + "a" * 100, max_length=50)
