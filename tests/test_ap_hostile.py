@@ -55,7 +55,8 @@ async def gw(tmp_path: Path) -> AsyncIterator[Gw]:
     text = (f'[gateway]\nlisten = "127.0.0.1:{port}"\ndatabase = "{tmp_path}/gw.db"\nlog_format = "text"\n'
             f'retry_max_delay = 0.5\n[platforms.fedi]\nkind = "activitypub"\nbase_url = "{base}"\n'
             f'allow_private_addresses = true\ntimeout = 3\n' + site.config(batch_max=1)
-            + '[[links]]\nname = "l"\ngroups = [{platform = "fedi", group = "club"}, {platform = "site", group = "g"}]\n')
+            + '[[links]]\nname = "l"\n'
+              'groups = [{platform = "fedi", group = "club"}, {platform = "site", group = "g"}]\n')
     gateway = Gateway(parse(text, "test.toml"))
     await gateway.start()
     await gateway.serve("127.0.0.1", port)

@@ -138,7 +138,8 @@ def id_problem(activity: Mapping[str, Any]) -> str | None:
     (``gateway.netguard.parse_url``), as "`field`: reason"; ``None`` if every
     one is. Ids of ``Mention`` tags are checked too."""
     for field, value in _ids_in(activity, "", 3):
-        if isinstance(value, str) and value in PUBLIC_FORMS and field.rsplit(".", 1)[-1] in ("to", "cc", "bto", "bcc", "audience"):
+        addressing = field.rsplit(".", 1)[-1] in ("to", "cc", "bto", "bcc", "audience")
+        if addressing and isinstance(value, str) and value in PUBLIC_FORMS:
             continue
         try:
             parse_url(value, max_length=ID_MAX)
@@ -416,5 +417,5 @@ def _validate(item: Item) -> None:
 
 
 __all__: Sequence[str] = ["decode_activity", "message_from_object", "as_list", "id_of", "type_of", "audience",
-                          "is_public", "Decoded", "Ignored", "Item", "APDecodeError", "LIKE_KEY", "PUBLIC", "id_problem",
-                          "actor_ids", "with_actors", "ID_MAX"]
+                          "is_public", "Decoded", "Ignored", "Item", "APDecodeError", "LIKE_KEY", "PUBLIC",
+                          "id_problem", "actor_ids", "with_actors", "ID_MAX"]
