@@ -4,7 +4,11 @@ operator's own network (server-side request forgery).
 A linked site names an attachment URL; a fediverse server names a key, an
 actor, an inbox. ``GuardedSession`` fetches or posts to such URLs:
 
-* only ``http`` and ``https``;
+* only ``http`` and ``https`` URLs that parse the one way every layer reads
+  them (``check_url``): no control characters, spaces or user info, a port
+  in range, a host name of DNS-sized labels (IDNA-encoded when it is not
+  ASCII) or a well-formed IP literal; anything else is ``BadURL`` (a
+  ``FetchError``), never a ``ValueError`` from deeper down;
 * every address a host name resolves to is checked (``address_allowed``) by
   the connector's resolver, so the address checked is the address connected
   to (no DNS rebinding between check and use); a literal IP address is
@@ -23,12 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import aiohttp
+import idna
 from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import DefaultResolver
 from msgspec import Struct
@@ -44,6 +50,88 @@ class FetchError(Exception):
         super().__init__(message)
         self.transient = transient
         self.status = status
+
+
+class BadURL(FetchError):
+    """A URL that is not a well-formed http(s) URL the gateway may fetch
+    (its reason in the message); never transient."""
+
+    def __init__(self, url: object, reason: str) -> None:
+        super().__init__(f"{_shown(url)}: {reason}", transient=False)
+
+
+def _shown(url: object) -> str:
+    """``url`` for a message: quoted, control characters escaped, cut short."""
+    text = repr(url)
+    return text if len(text) <= 200 else text[:200] + "...'"
+
+
+MAX_URL = 8192
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+_UNSAFE = re.compile(r"[\x00-\x20\x7f\ud800-\udfff]")
+"""Control characters, spaces and lone surrogates (undecodable bytes of a header)."""
+
+
+def ascii_host(host: str) -> str:
+    """``host`` (a name, without brackets or port) as the resolver gets it:
+    IDNA-encoded (UTS 46, as aiohttp's URL parser does) and checked: labels of
+    1-63 letters, digits, ``-`` or ``_``, at most 253 characters in all.
+    ``ValueError`` otherwise."""
+    if not host.isascii():
+        try:
+            host = idna.encode(host, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError, ValueError) as exc:
+            raise ValueError(f"the host name is not valid IDNA ({exc})") from None
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253:
+        raise ValueError("a host name has 1 to 253 characters")
+    for label in name.split("."):
+        if not _HOST_LABEL.fullmatch(label):
+            raise ValueError(f"host label {label[:70]!r} is not 1-63 letters, digits, '-' or '_'")
+    return host.lower()
+
+
+def parse_url(url: object, *, max_length: int = MAX_URL) -> SplitResult:
+    """The parts of ``url`` if it is a well-formed http(s) URL (see the module
+    docstring; its syntax only, no address is looked at), else ``BadURL``.
+    Callers that take URLs from others (an inbox reading ids) use it too, so
+    that nothing deeper meets a URL that every layer would not read alike."""
+    if not isinstance(url, str) or not url:
+        raise BadURL(url, "not a URL")
+    if len(url) > max_length:
+        raise BadURL(url, f"longer than {max_length} characters")
+    if _UNSAFE.search(url):
+        raise BadURL(url, "control characters, spaces or undecodable bytes in a URL")
+    try:
+        parts = urlsplit(url)
+        hostname, port = parts.hostname, parts.port
+    except ValueError as exc:  # a bad IPv6 literal, a port out of range, NFKC tricks (U+FF03 ...)
+        raise BadURL(url, str(exc)) from None
+    if parts.scheme not in ("http", "https"):
+        raise BadURL(url, "only http(s) URLs")
+    if not hostname:
+        raise BadURL(url, "no host")
+    if parts.username is not None or parts.password is not None:
+        raise BadURL(url, "user info in a URL")
+    if port == 0:
+        raise BadURL(url, "port 0")
+    if "[" in parts.netloc:
+        if not _is_ip(hostname.split("%", 1)[0]):
+            raise BadURL(url, "not an IPv6 address between brackets")
+    elif not _is_ip(hostname):
+        try:
+            ascii_host(hostname)
+        except ValueError as exc:
+            raise BadURL(url, str(exc)) from None
+    return parts
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class AddressRefused(OSError):
@@ -121,16 +209,14 @@ class GuardedSession:
             self._session = None
 
     def check_url(self, url: str) -> None:
-        """``FetchError`` unless ``url`` is http(s) and, for a literal IP, an allowed address."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise FetchError(f"{url!r}: only http(s) URLs", transient=False)
-        try:
-            ipaddress.ip_address(parts.hostname)
-        except ValueError:
+        """``BadURL`` unless ``url`` is a well-formed http(s) URL (``parse_url``)
+        and, for a literal IP, an allowed address."""
+        parts = parse_url(url)
+        if parts.hostname and "[" not in parts.netloc and not _is_ip(parts.hostname):
             return  # a host name: the resolver checks its addresses
-        if not address_allowed(parts.hostname, allow_private=self.allow_private):
-            raise FetchError(f"{url}: the gateway may not connect to {parts.hostname}", transient=False)
+        hostname = (parts.hostname or "").split("%", 1)[0]
+        if not address_allowed(hostname, allow_private=self.allow_private):
+            raise FetchError(f"{url}: the gateway may not connect to {hostname}", transient=False)
 
     async def request(self, method: str, url: str, *, max_bytes: int, body: bytes | None = None,
                       headers: Mapping[str, str] | None = None, sign: Signer | None = None,
@@ -158,6 +244,8 @@ class GuardedSession:
                         raise FetchError(f"{url}: more than {max_bytes} bytes", transient=False, status=413)
                     return Fetched(status=resp.status, url=url, content_type=resp.content_type or "",
                                    headers={k.lower(): v for k, v in resp.headers.items()}, body=data)
+            except ValueError as exc:  # aiohttp's own URL parsing of a URL check_url let by (or a redirect)
+                raise BadURL(url, f"{type(exc).__name__}: {exc}") from None
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 refused = isinstance(exc, AddressRefused) or isinstance(getattr(exc, "os_error", None), AddressRefused)
                 raise FetchError(f"{method} {url}: {type(exc).__name__}: {exc}", transient=not refused) from None

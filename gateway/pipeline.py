@@ -278,8 +278,8 @@ class Pipeline:
             t = route.target
             out_msg = self._message_to(tx, msg, t, pending, optional=True, degraded=[]) if msg else None
             out_member = self.people.show(tx, member, member_actor, t) if member and member_actor else None
-            if out_msg is None and out_member is None:
-                raise _Skip("report_target_unknown")
+            if out_msg is None and out_member is None and (p.message or p.member):
+                raise _Skip("report_target_unknown")  # (naming neither, a report is about the group itself)
             # A reporter crosses only if they chose to be identified.
             show = p.reporter is not None and reporter is not None and p.reporter.identity == "identified"
             return replace(p, message=out_msg, member=out_member,

@@ -187,3 +187,106 @@ def test_an_announce_embeds_the_activity_without_its_context() -> None:
     a = E.announce(URLS, "buurt", inner, "https://gw.example/ap/activities/2")
     assert a["actor"] == URLS.group("buurt") and a["object"]["id"] == inner["id"] and "@context" not in a["object"]
     assert a["cc"] == [URLS.group("buurt") + "/followers"]
+
+
+# -- the gateway's own actors resolve back to what they stand for --------------------------------
+
+URLS = E.Urls("https://gw.example")
+DIRK = "https://gw.example/ap/people/cga_dirk"     # a site person's Person actor
+GHOST = "https://gw.example/ap/people/anon_0123"   # an anonymous one's, in one group
+
+
+@pytest.mark.parametrize("url, own", [
+    (DIRK, ("person", "cga_dirk")),
+    ("HTTPS://GW.example/ap/people/a%2Fb", ("person", "a/b")),    # scheme and host without case; quoted ids
+    (URLS.person("a b/c"), ("person", "a b/c")),                   # the reverse of what Urls mints
+    (GROUP, ("group", "buurt")),
+    ("https://gw.example/ap/actor", ("instance", "")),
+    (URLS.note("m-1"), ("note", "m-1")),
+    (URLS.activity("e-1", "#follow"), ("activity", "e-1")),
+    ("https://gw.example/ap/actor#main-key", None),                 # a key, not an actor
+    ("https://gw.example/ap/people/cga_dirk/inbox", None),
+    ("https://gw.example/ap/people/cga_dirk?x=1", None),
+    ("https://gw.example/ap/people/%00", None),                     # no name can hold a NUL
+    ("https://gw.example/ap/people/%ff", None),                     # nor undecodable bytes
+    ("https://gw.example/ap/people/" + "a" * 401, None),
+    ("https://other.example/ap/people/cga_dirk", None),
+    ("http://gw.example/ap/people/cga_dirk", None),                 # another scheme is another origin
+    ("http://[", None),
+])
+def test_own_urls_say_what_they_name(url: str, own: Any) -> None:
+    assert URLS.own(url) == own
+
+
+def test_every_field_naming_a_person_resolves_to_who_the_url_stands_for() -> None:
+    found = {DIRK: Actor("cga_dirk", identity="identified"), GHOST: Actor("anon_0123", identity="anonymous"),
+             GROUP: None}
+    mention = dec(create(note(tag=[{"type": "Mention", "href": DIRK}, {"type": "Mention", "href": GROUP},
+                                   {"type": "Mention", "href": GHOST}, {"type": "Mention", "href": ALICE}])))
+    assert D.actor_ids(mention.payload) == {ALICE, DIRK, GHOST, GROUP}
+    msg = D.with_actors(mention.payload, found, "fedi")
+    assert [m.id for m in msg.mentions] == ["cga_dirk", "anon_0123", ALICE]  # the group is no person: dropped
+    assert msg.mentions[1].identity == "anonymous" and msg.author.id == ALICE
+
+    flag = dec({"id": "https://social.example/flag/2", "type": "Flag", "actor": "https://social.example/actor",
+                "object": [DIRK, URLS.note("m-1")], "content": "rude"})
+    report = D.with_actors(flag.payload, found, "fedi")
+    assert report.member == Actor("cga_dirk", identity="identified") and report.message == URLS.note("m-1")
+    of_group = dec({"id": "https://social.example/flag/3", "type": "Flag", "actor": "https://social.example/actor",
+                    "object": GROUP})
+    group_report = D.with_actors(of_group.payload, found, "fedi")
+    assert group_report.member is None and group_report.message is None  # a report about the group itself
+
+    block = dec({"id": "https://lemmy.example/b", "type": "Block", "actor": "https://lemmy.example/c/x",
+                 "object": GHOST})
+    assert D.with_actors(block.payload, found, "fedi").member.id == "anon_0123"
+    unblock = dec({"id": "https://lemmy.example/u", "type": "Undo", "actor": "https://lemmy.example/c/x",
+                   "object": {"type": "Block", "actor": "https://lemmy.example/c/x", "object": DIRK}})
+    assert D.with_actors(unblock.payload, found, "fedi").member.id == "cga_dirk"
+    removal = dec({"id": "https://lemmy.example/r", "type": "Delete", "actor": "https://lemmy.example/u/mod",
+                   "object": URLS.note("m-1")}, author_of=DIRK)
+    assert D.with_actors(removal.payload, found, "fedi").member.id == "cga_dirk"  # the author of the removed post
+
+    # a required field naming nobody (a Block of the group itself): the item names nobody, it is not carried
+    of_itself = dec({"id": "https://lemmy.example/b2", "type": "Block", "actor": "https://lemmy.example/c/x",
+                     "object": GROUP})
+    assert D.with_actors(of_itself.payload, found, "fedi") is None
+    move = dec({"id": ALICE + "#m", "type": "Move", "actor": ALICE, "object": ALICE, "target": DIRK},
+               moved_to_alias=True)
+    # (the adapter refuses a Move into its own actors before decoding; the codec resolves whatever it is given)
+    assert D.with_actors(move.items[0].payload, found, "fedi").actor.id == "cga_dirk"
+    assert D.with_actors(move.items[1].payload, found, "fedi").target.id == "cga_dirk"
+    assert D.with_actors(move.items[1].payload, found, "other") is move.items[1].payload  # another platform's ids
+
+
+@pytest.mark.parametrize("activity, field", [
+    ({"id": "https://a.example/x\x00", "actor": ALICE}, "`id`"),
+    ({"id": "http://[", "actor": ALICE}, "`id`"),
+    ({"id": "https://a.example/1", "actor": "https://" + "a" * 300 + ".example/u"}, "`actor`"),
+    ({"id": "https://a.example/1", "actor": ALICE, "object": {"id": "https://a.example\uff03@b.example/"}},
+     "`object.id`"),
+    ({"id": "https://a.example/1", "actor": ALICE, "object": ["https://a.example/n", "http://[x"]}, "`object`"),
+    ({"id": "https://a.example/1", "actor": ALICE, "target": "acct:someone"}, "`target`"),
+    ({"id": "https://a.example/1", "actor": ALICE, "to": ["https://a.example/" + "a" * 400]}, "`to`"),
+    ({"id": "https://a.example/1", "actor": ALICE, "object": {"id": "https://a.example/n", "tag": [
+        {"type": "Mention", "href": "x\x00"}]}}, "`object.tag.href`"),
+    ({"id": "https://a.example/1", "actor": ALICE, "object": {"type": "Undo", "object": {"object": 7}}},
+     "`object.object.object`"),
+    ({"id": 5, "actor": ALICE}, "`id`"),
+])
+def test_an_id_that_is_no_well_formed_url_is_named(activity: dict[str, Any], field: str) -> None:
+    problem = D.id_problem(activity)
+    assert problem is not None and problem.startswith(field), problem
+
+
+def test_ordinary_activities_have_no_id_problem() -> None:
+    assert D.id_problem(create(note(tag=[{"type": "Mention", "href": ALICE}, {"type": "Hashtag", "name": "#x"}]),
+                               to=[D.PUBLIC, "as:Public"], cc=["https://social.example/users/alice/followers"])) is None
+    assert D.id_problem({"id": "https://m.example/1", "type": "Flag", "actor": "https://m.example/actor",
+                         "object": [ALICE, "https://social.example/users/alice/statuses/1"]}) is None
+
+
+@pytest.mark.parametrize("value, ok", [("buurt", True), ("a b", True), ("", False), ("a\x00", False),
+                                       ("a\n", False), ("\udcff", False), ("x" * 400, True), ("x" * 401, False)])
+def test_names_in_paths(value: str, ok: bool) -> None:
+    assert (E.name_problem(value) is None) is ok

@@ -176,6 +176,34 @@ async def test_a_flag_and_a_move_arrive(net: Net) -> None:
     assert moved["target"]["id"] == net.fedify.actor_url("carol") and moved["target"]["platform"] == "fedi"
 
 
+async def test_the_gateways_own_people_and_groups_resolve_to_the_sites_own_ids(net: Net) -> None:
+    """A Mention or a Flag naming a site person's ``Person`` actor reaches the
+    site as that site's own user (not a new stand-in for a URL); a Flag of
+    the hosted group reaches it as a report about its own group."""
+    await join(net, "alice")
+    await net.sender.send([net.sender.event("civic.message.created", "g", {
+        "id": "d-1", "author": {"id": "dirk", "name": "Dirk"}, "text": "hello from the site"})])
+    entry = await asyncio.to_thread(net.fedify.wait_for, "alice", "Announce",
+                                    lambda e: "hello from the site" in orjson.dumps(e["activity"]).decode(), timeout=15)
+    dirk = entry["activity"]["object"]["object"]["attributedTo"]  # the gateway's Person actor for the site's dirk
+    assert dirk.startswith(f"{net.base}/ap/people/")
+
+    await net.f("note", "alice", "<p>thanks, Dirk</p>", to=["Public", net.group], mentions=[dirk])
+    got = (await _until(lambda: net.site_events("civic.message.created"), "alice's mention"))[0]["data"]
+    assert [m["id"] for m in got["mentions"]] == ["dirk"]  # the site's own user
+
+    # Mastodon's way: from the instance actor, to the reported account's own inbox, account first
+    await net.f("flag", "bob", [dirk], "<p>rude</p>", to=[dirk])
+    report = (await _until(lambda: net.site_events("civic.report.filed"), "the report of dirk"))[0]
+    assert report["subject"] == "g" and report["data"]["member"]["id"] == "dirk" and report["data"]["text"] == "rude"
+    assert "message" not in report["data"]
+
+    await net.f("flag", "bob", [net.group], "the whole group is spam", to=[net.group])
+    reports = await _until(lambda: [e for e in net.site_events("civic.report.filed")
+                                    if e["data"].get("text") == "the whole group is spam"], "the report of the group")
+    assert reports[0]["subject"] == "g" and "member" not in reports[0]["data"] and "message" not in reports[0]["data"]
+
+
 # -- the inbox refuses before anything is stored -------------------------------------------------------
 
 class Impostor:

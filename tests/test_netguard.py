@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from gateway.netguard import FetchError, GuardedSession, address_allowed
+from gateway.netguard import BadURL, FetchError, GuardedSession, address_allowed, ascii_host, parse_url
 from tests.services import free_port
 
 
@@ -46,7 +46,11 @@ async def server() -> AsyncIterator[str]:
     async def hop(request: web.Request) -> web.Response:
         raise web.HTTPFound(request.query["to"])
 
+    async def raw_hop(request: web.Request) -> web.Response:  # a Location aiohttp's own redirect would refuse
+        return web.Response(status=302, headers={"Location": request.query["to"]})
+
     app = web.Application()
+    app.router.add_get("/rawhop", raw_hop)
     app.router.add_get("/small", small)
     app.router.add_get("/big", big)
     app.router.add_get("/hop", hop)
@@ -101,3 +105,81 @@ async def test_limits_hold_while_streaming_and_on_every_redirect(server: str) ->
         assert signed == [f"{server}/hop?to=/small", f"{server}/small"]  # each hop signed anew
     finally:
         await s.close()
+
+
+# -- malformed URLs: one typed error, before anything is resolved or connected ----------------------
+
+MALFORMED = {
+    "bracket without end": "http://[",
+    "bad IPv6 literal": "http://[zz::1]/actor",
+    "unclosed IPv6": "http://[::1/actor",
+    "full-width number sign (NFKC)": "http://evil.example\uff03@good.example/actor",
+    "300-character label": "http://" + "a" * 300 + ".example/actor",
+    "254-character name": "http://" + ".".join(["a" * 50] * 5) + ".ex/actor",
+    "empty label": "http://a..example/actor",
+    "lone surrogate (raw byte)": "http://\udcffexample.org/actor",
+    "NUL in host": "http://ex\x00ample.org/actor",
+    "NUL in path": "http://example.org/act\x00or",
+    "space in host": "http://exa mple.org/",
+    "newline": "http://example.org/\r\nX-Injected: 1",
+    "port out of range": "http://example.org:99999/actor",
+    "port zero": "http://example.org:0/actor",
+    "not numeric port": "http://example.org:http/actor",
+    "user info": "http://user:pw@example.org/actor",
+    "no host": "http:///actor",
+    "other scheme": "ftp://example.org/actor",
+    "file": "file:///etc/passwd",
+    "not a URL": "keyid-without-scheme",
+    "empty": "",
+    "bad IDNA (joiner)": "http://a\u200db.example/actor",
+    "bad IDNA (leading combining mark)": "http://\u0300a.example/actor",
+    "disallowed code point": "http://ex\u2028ample.org/",
+    "too long": "http://example.org/" + "a" * 9000,
+}
+
+
+@pytest.mark.parametrize("url", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_a_malformed_url_is_a_bad_url_error_not_a_value_error(url: str) -> None:
+    s = await session(True)
+    try:
+        with pytest.raises(BadURL) as err:
+            s.check_url(url)
+        assert err.value.transient is False and isinstance(err.value, FetchError)
+        with pytest.raises(BadURL):  # the request refuses it the same way, without connecting
+            await s.request("GET", url, max_bytes=1000)
+    finally:
+        await s.close()
+
+
+@pytest.mark.parametrize("url", ["http://münchen.example/actor", "https://EXAMPLE.org./a?b=c#d",
+                                 "http://[2001:db8::1]:8080/x", "http://127.0.0.1:1/x", "http://a_b.example/"])
+def test_well_formed_urls_pass(url: str) -> None:
+    GuardedSession(allow_private=True).check_url(url)  # raises nothing
+
+
+def test_ascii_host_encodes_idna_as_aiohttp_does() -> None:
+    assert ascii_host("münchen.example") == "xn--mnchen-3ya.example"
+    assert ascii_host("Example.ORG.") == "example.org."
+    with pytest.raises(ValueError):
+        ascii_host("a" * 64 + ".example")
+
+
+async def test_a_redirect_to_a_malformed_url_is_a_bad_url(server: str) -> None:
+    s = await session(True)
+    try:
+        with pytest.raises(BadURL):
+            await s.request("GET", f"{server}/rawhop?to=http://%5B", max_bytes=1000)
+    finally:
+        await s.close()
+
+
+@pytest.mark.parametrize("url", MALFORMED.values(), ids=MALFORMED.keys())
+def test_parse_url_is_the_same_check_for_callers_that_only_read_urls(url: str) -> None:
+    with pytest.raises(BadURL):
+        parse_url(url)
+
+
+def test_parse_url_takes_a_shorter_limit() -> None:
+    assert parse_url("https://example.org/" + "a" * 100, max_length=200).hostname == "example.org"
+    with pytest.raises(BadURL, match="longer than 50"):
+        parse_url("https://example.org/" + "a" * 100, max_length=50)

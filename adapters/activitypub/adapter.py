@@ -58,6 +58,8 @@ AP_JSON = "application/activity+json"
 VERSION = "0.1.0"
 KEY = "key:rsa"
 SEEN_SIGNATURES = 100_000
+WEBFINGER_MAX = 1024
+"""Longest WebFinger ``resource`` read (``acct:`` + a name of at most ``enc.NAME_MAX`` + ``@`` + a host)."""
 FOLLOWERS_MAX = 100_000
 """Followers of one hosted group an announcement reaches (a civic group is far smaller)."""
 
@@ -67,7 +69,11 @@ def now_iso(t: float | None = None) -> str:
 
 
 def host(url: str) -> str:
-    return urlsplit(url).netloc.lower()
+    """The host (and port) of ``url``, lower case; ``""`` when it has none or does not parse."""
+    try:
+        return urlsplit(url).netloc.lower()
+    except ValueError:
+        return ""
 
 
 class Refused(Exception):
@@ -166,7 +172,16 @@ class ActivityPubAdapter(Adapter):
 
     async def webfinger(self, request: web.Request) -> web.Response:
         resource = request.query.get("resource", "")
-        name, _, domain = resource.removeprefix("acct:").lstrip("@").partition("@")
+        if not resource:
+            return web.json_response({"error": "`resource`: missing (acct:NAME@HOST)"}, status=400)
+        if len(resource) > WEBFINGER_MAX:
+            return web.json_response({"error": f"`resource`: longer than {WEBFINGER_MAX} characters"}, status=400)
+        if "://" in resource and not resource.startswith("acct:"):
+            return web.json_response({"error": "not a user of this server (ask by acct:NAME@HOST)"}, status=404)
+        name, _, domain = resource.removeprefix("acct:").lstrip("@").rpartition("@")
+        problem = enc.name_problem(name) or enc.name_problem(domain)
+        if problem:
+            return web.json_response({"error": f"`resource`: not acct:NAME@HOST ({problem})"}, status=400)
         if domain.lower() != self.urls.host.lower():
             return web.json_response({"error": "not a user of this server"}, status=404)
         if name in self.hosted:
@@ -189,8 +204,16 @@ class ActivityPubAdapter(Adapter):
     async def instance_actor(self, request: web.Request) -> web.Response:
         return self._json(enc.instance_actor(self.urls, self._key_pem))
 
+    @staticmethod
+    def _bad_name(value: str, what: str) -> web.Response | None:
+        """``400`` for a name or id in a path that none can be (``enc.name_problem``)."""
+        problem = enc.name_problem(value)
+        return web.json_response({"error": f"not a {what}: {problem}"}, status=400) if problem else None
+
     async def group_actor(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
+        if bad := self._bad_name(name, "group name"):
+            return bad
         if name not in self.hosted:
             return web.json_response({"error": "no such group"}, status=404)
         settings = self.config.groups.get(name)
@@ -199,6 +222,8 @@ class ActivityPubAdapter(Adapter):
 
     async def person_actor(self, request: web.Request) -> web.Response:
         stand_in = request.match_info["id"]
+        if bad := self._bad_name(stand_in, "person id"):
+            return bad
         raw = await self.ctx.state.get_one(f"person:{stand_in}")
         if raw is None:
             return web.json_response({"error": "no such person"}, status=404)
@@ -209,10 +234,25 @@ class ActivityPubAdapter(Adapter):
 
     async def collection(self, request: web.Request) -> web.Response:
         # Members are not listed and nothing is counted (no engagement figures).
+        if "name" in request.match_info:
+            name = request.match_info["name"]
+            if bad := self._bad_name(name, "group name"):
+                return bad
+            if name not in self.hosted:
+                return web.json_response({"error": "no such group"}, status=404)
+        else:
+            stand_in = request.match_info["id"]
+            if bad := self._bad_name(stand_in, "person id"):
+                return bad
+            if await self.ctx.state.get_one(f"person:{stand_in}") is None:
+                return web.json_response({"error": "no such person"}, status=404)
         return self._json(enc.collection(self.urls.base + request.path))
 
     async def note(self, request: web.Request) -> web.Response:
-        raw = await self.ctx.state.get_one(f"note:{unquote(request.match_info['id'])}")
+        note_id = unquote(request.match_info["id"], errors="surrogateescape")
+        if bad := self._bad_name(note_id, "note id"):
+            return bad
+        raw = await self.ctx.state.get_one(f"note:{note_id}")
         if raw is None:
             return web.json_response({"error": "no such note"}, status=404)
         rec = orjson.loads(raw)
@@ -221,7 +261,10 @@ class ActivityPubAdapter(Adapter):
         return self._json({"@context": enc.CONTEXT, **rec["doc"]})
 
     async def activity_doc(self, request: web.Request) -> web.Response:
-        raw = await self.ctx.state.get_one(f"act:{unquote(request.match_info['id'])}")
+        event_id = unquote(request.match_info["id"], errors="surrogateescape")
+        if bad := self._bad_name(event_id, "activity id"):
+            return bad
+        raw = await self.ctx.state.get_one(f"act:{event_id}")
         if raw is None:
             return web.json_response({"error": "no such activity"}, status=404)
         return web.Response(body=raw, content_type=AP_JSON)
@@ -262,6 +305,9 @@ class ActivityPubAdapter(Adapter):
         if not isinstance(activity, dict) or not isinstance(dec.id_of(activity.get("actor")), str) \
                 or not isinstance(activity.get("id"), str):
             raise Refused(400, "bad_activity", "an activity needs an id and an actor")
+        problem = dec.id_problem(activity)
+        if problem is not None:
+            raise Refused(400, "bad_id", f"an id that is not a well-formed http(s) URL: {problem}")
         headers = {k: v for k, v in request.headers.items()}
         try:
             key_id = sig.key_id_of(headers)
@@ -269,6 +315,9 @@ class ActivityPubAdapter(Adapter):
             raise Refused(401, "bad_signature", str(exc)) from None
         if key_id is None:
             raise Refused(401, "unsigned", "the request carries no HTTP signature")
+        if host(key_id) == host(self.urls.base):
+            # Only the gateway holds its key: it never sends itself an activity.
+            raise Refused(401, "own_key", "signed with a key of the gateway's own actors")
         try:
             owner, public_key = await self.remote.key(key_id)
         except RemoteError as exc:
@@ -354,8 +403,10 @@ class ActivityPubAdapter(Adapter):
         elif kind in ("Create", "Update"):
             groups = [n for n in (self._hosted_name(i) for i in dec.audience(activity, obj if isinstance(
                 obj, Mapping) else None)) if n]
-        elif kind in ("Like", "EmojiReact", "Delete", "Remove", "Undo", "Flag"):
-            refs = [dec.id_of(o) for o in dec.as_list(obj)] if kind == "Flag" else [obj_id]
+        elif kind == "Flag":
+            groups = await self._flag_groups(activity)
+        elif kind in ("Like", "EmojiReact", "Delete", "Remove", "Undo"):
+            refs = [obj_id]
             if kind == "Undo":
                 inner = obj if isinstance(obj, Mapping) else None
                 if inner is None and obj_id:
@@ -375,6 +426,8 @@ class ActivityPubAdapter(Adapter):
         elif kind == "Move":
             groups = [g for g in self.hosted if await self.ctx.state.get_one(f"follower:{g}:{actor}")]
             target = dec.id_of(activity.get("target"))
+            if target and host(target) == host(self.urls.base):
+                raise Refused(403, "own_actor", "a Move into one of the gateway's own actors")
             if target:
                 try:
                     new = await self.remote.actor(target)
@@ -386,6 +439,26 @@ class ActivityPubAdapter(Adapter):
             log.info("%s %s concerns no hosted group; ignored", kind, activity.get("id"))
             return
         await self._take_in(activity, actor, groups, kind, **extra)
+
+    async def _flag_groups(self, flag: Mapping[str, Any]) -> list[str]:
+        """The groups whose moderators a report concerns: the group of a reported
+        post; else a hosted group the Flag names (reported itself) or is
+        addressed to (Lemmy, FEP-1b12); else the groups a reported person of
+        the gateway's was shown in (Mastodon sends the Flag to their inbox)."""
+        refs = [r for r in (dec.id_of(o) for o in dec.as_list(flag.get("object"))) if r]
+        for ref in refs:
+            rec = await self._note_record(ref)
+            if rec is not None:
+                return [rec["group"]]
+        named = [n for n in (self._hosted_name(r) for r in [*refs, *sorted(dec.audience(flag))]) if n]
+        if named:
+            return list(dict.fromkeys(named))
+        linked = self.hosted | self.remote_groups
+        for ref in refs:
+            person = await self._own_person(ref)
+            if person is not None:
+                return [g for g in person[1] if g in linked]
+        return []
 
     async def _take_in(self, activity: dict[str, Any], actor: str, groups: list[str], kind: str | None,
                        **extra: Any) -> None:
@@ -402,12 +475,21 @@ class ActivityPubAdapter(Adapter):
         if isinstance(decoded, dec.Ignored):
             log.info("%s %s not carried: %s", kind, activity.get("id"), decoded.reason)
             return
-        items = [msgspec.structs.replace(it, payload=await self._with_names(it.payload)) for it in decoded.items]
+        items = []
+        for it in decoded.items:
+            payload = await self._own_actors(it.payload)
+            if payload is None:
+                log.info("%s %s not carried: it names one of the gateway's own actors as a person", kind,
+                         activity.get("id"))
+                continue
+            items.append(msgspec.structs.replace(it, payload=await self._with_names(payload)))
+        if not items:
+            return
         inbound = [Inbound(platform=self.name, group=g, event_id=it.event_id if len(groups) == 1 else
                            f"{it.event_id}|{g}", type=it.type, payload=it.payload, time=time.time())
                    for g in groups for it in items]
         remember: dict[str, bytes | None] = {}
-        for it in decoded.items:
+        for it in items:
             if it.type == "civic.message.created":
                 remember[f"rnote:{it.payload.id}"] = orjson.dumps({"group": groups[0], "author": actor})
             if kind in ("Like", "EmojiReact"):
@@ -446,20 +528,49 @@ class ActivityPubAdapter(Adapter):
         return msgspec.structs.replace(payload, **changes) if changes else payload
 
     def _hosted_name(self, url: str | None) -> str | None:
-        if not url or not url.startswith(self.urls.base + "/ap/groups/"):
-            return None
-        name = unquote(url[len(self.urls.base + "/ap/groups/"):])
-        return name if name in self.hosted else None
+        own = self.urls.own(url) if url else None
+        return own[1] if own is not None and own[0] == "group" and own[1] in self.hosted else None
 
     async def _note_record(self, note_id: str) -> dict[str, Any] | None:
-        if self.urls.owns(note_id) and "/ap/notes/" in note_id:
-            raw = await self.ctx.state.get_one(f"note:{unquote(note_id.rsplit('/', 1)[1])}")
+        own = self.urls.own(note_id)
+        if own is not None and own[0] == "note":
+            raw = await self.ctx.state.get_one(f"note:{own[1]}")
             if raw:
                 rec = orjson.loads(raw)
                 return {"group": rec["group"], "author": rec["doc"].get("attributedTo")}
             return None
+        if self.urls.owns(note_id):
+            return None  # a URL of ours that is no note
         raw = await self.ctx.state.get_one(f"rnote:{note_id}")
         return orjson.loads(raw) if raw else None
+
+    async def _own_person(self, url: str) -> tuple[Actor, list[str]] | None:
+        """The person one of the gateway's own ``Person`` URLs stands for (the
+        stand-in id the core gave them, as their identity level allows) and
+        the groups they were shown in; ``None`` for any other URL, and for a
+        stand-in the gateway never published."""
+        own = self.urls.own(url)
+        if own is None or own[0] != "person":
+            return None
+        raw = await self.ctx.state.get_one(f"person:{own[1]}")
+        if raw is None:
+            return None
+        rec = orjson.loads(raw)
+        identity = "anonymous" if own[1].startswith("anon_") else rec.get("identity", "pseudonymous")
+        return Actor(own[1], identity=identity), list(rec.get("groups", ()))
+
+    async def _own_actors(self, payload: Any) -> Any | None:
+        """``payload`` with every URL of the gateway's own actors resolved back to
+        what it stands for (``dec.with_actors``): a ``Person`` URL to the person
+        of the other platform (so the core finds its own user, not a new stand-in
+        for a URL), a group or the instance actor to nobody (they are no person).
+        ``None`` when the item then names nobody where it must name someone."""
+        found: dict[str, Actor | None] = {}
+        for url in dec.actor_ids(payload):
+            if host(url) == host(self.urls.base):  # any URL of ours: never a new person
+                person = await self._own_person(url)
+                found[url] = person[0] if person else None
+        return dec.with_actors(payload, found, self.name) if found else payload
 
     async def _follow(self, name: str, actor: str, follow: Mapping[str, Any], *, accept: bool = True) -> None:
         """Record the follower and answer ``Accept`` (open groups: everyone the
@@ -520,7 +631,7 @@ class ActivityPubAdapter(Adapter):
             return await self._deliver_remote(d)
         p, group = d.payload, self.urls.group(d.group)
         if isinstance(p, Message):
-            await self._remember_person(p.author)
+            await self._remember_person(p.author, d.group)
             author = enc.person_url(self.urls, p.author)
             reply = p.reply_to if p.reply_to and p.reply_to.startswith(("http://", "https://")) else None
             edited = d.type == "civic.message.edited"
@@ -555,7 +666,7 @@ class ActivityPubAdapter(Adapter):
             await self._announce(d.group, act)
             return {}
         if isinstance(p, Reaction):
-            await self._remember_person(p.author)
+            await self._remember_person(p.author, d.group)
             author = enc.person_url(self.urls, p.author)
             like_id = self.urls.activity(hashlib.sha256(f"{author}|{p.message}|{p.key}".encode()).hexdigest()[:32],
                                          "#react")
@@ -586,7 +697,7 @@ class ActivityPubAdapter(Adapter):
         if isinstance(p, ProfileUpdate) and not p.actor.id.startswith(("http://", "https://")):
             # A new name or identity level: the Person document changes, and the
             # group's followers hear it (Mastodon refreshes the profile on Update).
-            await self._remember_person(p.actor)
+            await self._remember_person(p.actor, d.group)
             doc = enc.person_actor(self.urls, p.actor, self._key_pem)
             doc.pop("@context", None)
             person = enc.person_url(self.urls, p.actor)
@@ -647,7 +758,7 @@ class ActivityPubAdapter(Adapter):
         out: list[OutItem] = []
         result: dict[str, str] = {}
         if isinstance(p, Message):
-            await self._remember_person(p.author)
+            await self._remember_person(p.author, group_url)
             author = enc.person_url(self.urls, p.author)
             out += await self._as_member(group_url, author)
             edited = d.type == "civic.message.edited"
@@ -671,7 +782,7 @@ class ActivityPubAdapter(Adapter):
                                to=[enc.PUBLIC, group_url], audience=group_url)
             out.append(OutItem(inbox=inbox, body=orjson.dumps(act), actor=author, created=time.time()))
         elif isinstance(p, Reaction):
-            await self._remember_person(p.author)
+            await self._remember_person(p.author, group_url)
             author = enc.person_url(self.urls, p.author)
             out += await self._as_member(group_url, author)
             like_id = self.urls.activity(hashlib.sha256(f"{author}|{p.message}|{p.key}".encode()).hexdigest()[:32],
@@ -702,6 +813,9 @@ class ActivityPubAdapter(Adapter):
                 raise Refused(403, "unverifiable", f"the announced activity could not be fetched: {exc}") from None
         if not isinstance(inner, dict) or not isinstance(inner.get("id"), str):
             raise Refused(400, "bad_activity", "an Announce of nothing")
+        problem = dec.id_problem(inner)
+        if problem is not None:
+            raise Refused(400, "bad_id", f"the announced activity names an id that is not a well-formed URL: {problem}")
         actor = dec.id_of(inner.get("actor"))
         if actor is None:
             raise Refused(400, "bad_activity", "the announced activity has no actor")
@@ -741,14 +855,19 @@ class ActivityPubAdapter(Adapter):
         await self.queues.enqueue([OutItem(inbox=i, body=orjson.dumps(act), actor=self.urls.instance,
                                            created=time.time()) for i in inboxes])
 
-    async def _remember_person(self, actor: Actor) -> None:
+    async def _remember_person(self, actor: Actor, group: str | None = None) -> None:
         """Keep what the ``Person`` document of a person from elsewhere shows (their
-        name as their identity level allows), so that it can be served."""
+        name as their identity level allows), so that it can be served, and the
+        groups they were shown in (where a report about them goes)."""
         if actor.id.startswith(("http://", "https://")):
             return
-        rec = orjson.dumps({"name": enc.display_name(actor), "identity": actor.identity})
         key = f"person:{actor.id}"
-        if await self.ctx.state.get_one(key) != rec:
+        raw = await self.ctx.state.get_one(key)
+        groups = list(orjson.loads(raw).get("groups", ())) if raw else []
+        if group is not None and group not in groups:
+            groups.append(group)
+        rec = orjson.dumps({"name": enc.display_name(actor), "identity": actor.identity, "groups": groups})
+        if raw != rec:
             await self.ctx.state.put({key: rec})
 
 

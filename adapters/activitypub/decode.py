@@ -18,15 +18,23 @@ What the pure codec cannot know, the adapter passes in:
   moderation action rather than a deletion;
 * ``moved_to_alias``: for a ``Move``, whether the target actor lists the old
   one in ``alsoKnownAs`` (the adapter fetched it); without it the move is refused.
+
+Two more pure steps around decoding: ``id_problem`` (before: every id the
+activity names is a well-formed http(s) URL of sane length, so nothing later
+meets a NUL or a URL no layer reads alike) and ``with_actors`` (after: the
+gateway's own actor URLs in the payloads, found by ``actor_ids``, replaced by
+the people they stand for, which the adapter looked up).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import msgspec
 
 from gateway.errors import DecodeError
+from gateway.netguard import BadURL, parse_url
 from gateway.sanitize import html_to_text
 from gateway.translate import Decoded, Ignored, Item, schema_problem
 from schemas.v1 import (
@@ -111,6 +119,93 @@ def _str(obj: Mapping[str, Any], key: str, field: str | None = None) -> str:
     value = id_of(obj.get(key))
     if value is None:
         raise APDecodeError("must be an id (a non-empty string or an object with one)", field=field or key)
+    return value
+
+
+# -- ids --------------------------------------------------------------------------------------------
+
+ID_MAX = 400
+"""Longest id (a URL) an activity may name: with the prefix of the store key
+the adapter keeps it under, it stays within the store's 512 characters (real
+servers' ids are far shorter)."""
+ID_FIELDS = ("id", "actor", "object", "target", "attributedTo", "inReplyTo", "to", "cc", "bto", "bcc", "audience")
+PUBLIC_FORMS = frozenset({PUBLIC, "as:Public", "Public"})
+
+
+def id_problem(activity: Mapping[str, Any]) -> str | None:
+    """Why an id the activity (or an object embedded in it, to three levels)
+    names is not a well-formed http(s) URL of at most ``ID_MAX`` characters
+    (``gateway.netguard.parse_url``), as "`field`: reason"; ``None`` if every
+    one is. Ids of ``Mention`` tags are checked too."""
+    for field, value in _ids_in(activity, "", 3):
+        addressing = field.rsplit(".", 1)[-1] in ("to", "cc", "bto", "bcc", "audience")
+        if addressing and isinstance(value, str) and value in PUBLIC_FORMS:
+            continue
+        try:
+            parse_url(value, max_length=ID_MAX)
+        except BadURL as exc:
+            return f"`{field}`: {exc}"
+    return None
+
+
+def _ids_in(doc: Mapping[str, Any], path: str, depth: int) -> Iterator[tuple[str, Any]]:
+    """(field, value) of each id in ``doc``; embedded objects are looked into
+    ``depth`` levels deep (below that, only their own id)."""
+    for key in ID_FIELDS:
+        for value in as_list(doc.get(key)):
+            if not isinstance(value, Mapping) or key == "id":
+                yield f"{path}{key}", value  # anything but a string is "not a URL"
+            elif depth > 1:
+                yield from _ids_in(value, f"{path}{key}.", depth - 1)
+            elif (inner := value.get("id") or value.get("href")) is not None:
+                yield f"{path}{key}.id", inner
+    for tag in as_list(doc.get("tag")):
+        if isinstance(tag, Mapping) and type_of(tag) == "Mention":
+            yield f"{path}tag.href", tag.get("href") or tag.get("id")
+
+
+def actor_ids(payload: Any) -> set[str]:
+    """Every id of a person (``Actor``) or account (``AccountRef``) in a payload."""
+    out: set[str] = set()
+    for field in msgspec.structs.fields(type(payload)):
+        value = getattr(payload, field.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, (Actor, AccountRef)):
+                out.add(v.id)
+    return out
+
+
+def with_actors(payload: Any, found: Mapping[str, Actor | None], platform: str) -> Any | None:
+    """``payload`` with the ids in ``found`` (the gateway's own actor URLs)
+    replaced in every field that names a person: by the person they stand for,
+    or, for ``None`` (a group, the instance actor, an id the gateway never
+    gave anyone), taken out: dropped from a list, an optional field emptied.
+    ``None`` when a required field would be empty (the item names nobody).
+    Accounts (``AccountRef``) are replaced only on ``platform`` (the ids are
+    its own)."""
+    changes: dict[str, Any] = {}
+    for field in msgspec.structs.fields(type(payload)):
+        value = getattr(payload, field.name)
+        if isinstance(value, tuple):
+            kept = tuple(r for r in (_replaced(v, found, platform) for v in value) if r is not None)
+            if kept != value:
+                changes[field.name] = kept
+            continue
+        new = _replaced(value, found, platform)
+        if new is value:
+            continue
+        if new is None and field.required:
+            return None
+        changes[field.name] = new
+    return msgspec.structs.replace(payload, **changes) if changes else payload
+
+
+def _replaced(value: Any, found: Mapping[str, Actor | None], platform: str) -> Any:
+    if isinstance(value, Actor) and value.id in found:
+        return found[value.id]
+    if isinstance(value, AccountRef) and value.platform == platform and value.id in found:
+        who = found[value.id]
+        return AccountRef(platform=platform, id=who.id) if who is not None else None
     return value
 
 
@@ -322,4 +417,5 @@ def _validate(item: Item) -> None:
 
 
 __all__: Sequence[str] = ["decode_activity", "message_from_object", "as_list", "id_of", "type_of", "audience",
-                          "is_public", "Decoded", "Ignored", "Item", "APDecodeError", "LIKE_KEY", "PUBLIC"]
+                          "is_public", "Decoded", "Ignored", "Item", "APDecodeError", "LIKE_KEY", "PUBLIC",
+                          "id_problem", "actor_ids", "with_actors", "ID_MAX"]

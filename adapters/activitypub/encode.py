@@ -14,9 +14,10 @@ collections with totals, and collections of followers are not served with a
 from __future__ import annotations
 
 import html as _html
+import re
 from collections.abc import Mapping, Sequence
-from typing import Any
-from urllib.parse import quote
+from typing import Any, Literal
+from urllib.parse import quote, unquote, urlsplit
 
 from msgspec import Struct
 
@@ -34,6 +35,26 @@ CONTEXT: list[Any] = [AS_CONTEXT, SECURITY_CONTEXT,
 PUBLIC = "https://www.w3.org/ns/activitystreams#Public"
 ACTIVITY_JSON = "application/activity+json"
 ANONYMOUS_NAME = "anonymous member"
+NAME_MAX = 400
+"""Longest name or id in one of the gateway's URLs (a group name, a stand-in
+id, a note or activity id) or in a WebFinger resource: with the prefix of the
+store key it is kept under, it stays within the store's 512 characters."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+OwnKind = Literal["group", "person", "instance", "note", "activity"]
+_OWN_KINDS: dict[str, OwnKind] = {"groups": "group", "people": "person", "notes": "note", "activities": "activity"}
+
+
+def name_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a name or id of the gateway's (in a path or a
+    WebFinger resource), or ``None`` when it can."""
+    if not value:
+        return "empty"
+    if len(value) > NAME_MAX:
+        return f"longer than {NAME_MAX} characters"
+    if _CONTROL.search(value):
+        return "control characters or undecodable bytes"
+    return None
 
 
 class Urls(Struct, frozen=True):
@@ -70,6 +91,33 @@ class Urls(Struct, frozen=True):
 
     def owns(self, url: str) -> bool:
         return url.startswith(self.base + "/")
+
+    def own(self, url: str) -> tuple[OwnKind, str] | None:
+        """What one of the gateway's own ids names (the reverse of ``group``,
+        ``person``, ``instance``, ``note``, ``activity``): ``("group", name)``,
+        ``("person", stand-in id)``, ``("instance", "")``, ``("note", message
+        id)``, ``("activity", event id)``. ``None`` for any other URL: another
+        server's, a path the gateway mints no id at, or a value no name can be
+        (``name_problem``). Scheme and host compare without case; an actor id
+        has no query or fragment (an activity's may have a fragment)."""
+        if not isinstance(url, str) or not url.startswith(("http://", "https://", "HTTP://", "HTTPS://")):
+            return None
+        try:
+            parts, mine = urlsplit(url), urlsplit(self.base)
+        except ValueError:
+            return None
+        if (parts.scheme.lower(), parts.netloc.lower()) != (mine.scheme.lower(), mine.netloc.lower()) or parts.query:
+            return None
+        if parts.path == "/ap/actor":
+            return None if parts.fragment else ("instance", "")
+        segments = parts.path.split("/")
+        if len(segments) != 4 or segments[:2] != ["", "ap"] or segments[2] not in _OWN_KINDS:
+            return None
+        kind = _OWN_KINDS[segments[2]]
+        if parts.fragment and kind != "activity":
+            return None
+        value = unquote(segments[3], errors="surrogateescape")  # undecodable bytes: a name_problem
+        return None if name_problem(value) else (kind, value)
 
 
 def person_url(urls: Urls, actor: Actor) -> str:
