@@ -15,12 +15,13 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from gateway import logs
 from gateway.logs import JsonFormatter, TextFormatter
 from tests.clusterkit import Node
 from tests.conftest import start_net, stop_net
-from tests.services import Mosquitto
+from tests.services import Mosquitto, free_port
 from tests.sitekit import wait_for
 
 
@@ -159,3 +160,63 @@ def test_log_setup_writes_the_extra_fields_in_either_format(fmt: str, capsys: py
     else:
         assert " WARNING civic.test: platform m is down: refused " in line
         assert line.endswith(' platform=m reason="broker refused = no" attempts=3'), line
+
+
+async def test_an_unreachable_homeserver_shows_in_readyz_until_it_answers(tmp_path: Path) -> None:
+    hs_port = free_port()  # nothing listens there yet
+    links = (f'[platforms.hub]\nkind = "matrix"\nhomeserver = "http://127.0.0.1:{hs_port}"\n'
+             f'server_name = "civic.test"\nas_token = "{"a" * 40}"\nhs_token = "{"h" * 40}"\n'
+             'appservice_url = "http://127.0.0.1:1/v1/platforms/hub"\n'
+             '[[links]]\nname = "l"\ngroups = [{platform = "a", group = "g-a"},'
+             ' {platform = "hub", group = "!r:civic.test"}]\n')
+    net = await start_net(tmp_path, ["a"], links=links)
+    runner: web.AppRunner | None = None
+    try:
+        await wait_for(lambda: not net.gw.platform_state["hub"][0], timeout=10, what="the homeserver to be down")
+        status, body = await get(f"{net.url}/readyz")
+        assert status == 200 and body["degraded"] is True
+        reason = body["platforms"]["hub"]["reason"]
+        assert "unreachable" in reason and str(hs_port) in reason, reason
+        assert await metric_node(net.url).metric("civic_platform_up", platform="hub") == 0
+
+        async def ping(request: web.Request) -> web.Response:  # a homeserver that answers the appservice ping
+            return web.json_response({"duration_ms": 3})
+
+        async def other(request: web.Request) -> web.Response:
+            return web.json_response({"errcode": "M_FORBIDDEN", "error": "not in this test"}, status=403)
+        app = web.Application()
+        app.router.add_post("/_matrix/client/v1/appservice/{id}/ping", ping)
+        app.router.add_route("*", "/{tail:.*}", other)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", hs_port).start()
+        await wait_for(lambda: net.gw.platform_state["hub"][0], timeout=15, what="the homeserver to be up")
+        status, body = await get(f"{net.url}/readyz")
+        assert status == 200 and body["degraded"] is False and body["platforms"]["hub"] == {"up": True}
+        assert await metric_node(net.url).metric("civic_platform_up", platform="hub") == 1
+    finally:
+        await stop_net(net)
+        if runner is not None:
+            await runner.cleanup()
+
+
+async def test_a_delivery_that_keeps_failing_turns_from_info_to_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    net = await start_net(tmp_path, ["a", "b"])
+    caplog.set_level(logging.INFO, logger="civic.delivery")
+    try:
+        net.sites["b"].fail_with = 503  # down: retried, never dead-lettered within the test
+        a = net.senders["a"]
+        assert (await a.send([a.event("civic.message.created", "g-a",
+                                      {"id": "m1", "author": {"id": "u"}, "text": "waits"})]))[0] == 202
+
+        def retries() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if "delivery to b/g-b failed" in r.getMessage()]
+        await wait_for(lambda: len(retries()) >= 6, timeout=30, what="six failed attempts")
+        levels = [(r.attempts, r.levelno) for r in retries()[:6]]  # type: ignore[attr-defined]
+        assert levels == [(1, logging.INFO), (2, logging.INFO), (3, logging.INFO), (4, logging.INFO),
+                          (5, logging.WARNING), (6, logging.WARNING)]
+        assert all(r.platform == "b" and r.group == "g-b" and "503" in r.error  # type: ignore[attr-defined]
+                   for r in retries())
+    finally:
+        await stop_net(net)
