@@ -98,6 +98,7 @@ class Gateway:
             self.cluster = Cluster(self.node, self.store, bus, self.delivery, self.metrics, self.tasks,
                                    partitions=self.settings.partitions, lease_ttl=self.settings.lease_ttl,
                                    on_state=self._state_changed_elsewhere)
+        self.metrics.store_up.set_function(lambda: 0 if self.store.unavailable() else 1)  # read at each scrape
         self.ready = False
         self._outbox_depth = 0
         self._runner: web.AppRunner | None = None
@@ -284,7 +285,6 @@ class Gateway:
         last_prune = last_fingerprints = 0.0
         while True:
             await asyncio.sleep(2.0)
-            self.metrics.store_up.set(0 if self.store.unavailable() else 1)
             try:
                 await self._refresh_depth()
                 if self.cluster is not None:

@@ -25,6 +25,7 @@ from gateway.app import Gateway
 from gateway.config import parse
 from tests.services import PG_HOST, PG_PORT, free_port, temp_database
 from tests.sitekit import CE, Sender, Site, new_secret, wait_for
+from tests.test_health import metric_node
 
 CLIENT_TIMEOUT = 5.0
 """What a site waits for an answer: the test fails if any request runs into it."""
@@ -145,6 +146,7 @@ async def run_outage(tmp_path: Path, dsn: str) -> None:
         status, body = await readyz(url)
         assert status == 503, body
         assert body["ready"] is False and body["store"]["reachable"] is False and body["store"]["error"], body
+        assert await metric_node(url).metric("civic_store_up") == 0
 
         await proxy.restore()
         await b.start()
@@ -160,6 +162,7 @@ async def run_outage(tmp_path: Path, dsn: str) -> None:
                 assert status == 503 and time.monotonic() < deadline, (status, body)
                 await asyncio.sleep(0.2)
         assert (await readyz(url))[0] == 200
+        assert await metric_node(url).metric("civic_store_up") == 1
 
         await wait_for(lambda: len(b.of_type("civic.message.created")) >= 40, timeout=60,
                        what="every accepted event at b")
