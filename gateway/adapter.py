@@ -257,6 +257,15 @@ class AdapterContext(Struct, kw_only=True):
     groups: tuple[str, ...] = ()
     """This platform's groups that the config links (for adapters that must
     join them, or refuse to join anything else)."""
+    set_up: Callable[[bool, str], None] = lambda up, reason: None
+    """Report whether this platform can move events now: ``set_up(False, why)``
+    when it cannot (its broker or homeserver unreachable, ``why`` says so for
+    an operator), ``set_up(True, "")`` when it can again. Call it on every
+    change (repeats are harmless). The gateway shows it as
+    ``civic_platform_up{platform}`` and in ``/readyz``, and logs each change.
+    Until an adapter reports, its platform counts as up: adapters that only
+    take events over the gateway's HTTP server (webhook, ActivityPub) never
+    report, and their delivery failures show in the outbox metrics."""
 
 
 class Adapter(abc.ABC):

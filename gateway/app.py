@@ -33,7 +33,7 @@ from gateway.pipeline import ECHO_WINDOW, Pipeline
 from gateway.policy import BanRules
 from gateway.router import Router
 from gateway.store import Store, open_store
-from gateway.store.base import OutboxItem
+from gateway.store.base import OutboxItem, StoreUnavailable
 from gateway.tasks import TaskGroup
 
 log = logging.getLogger("civic.gateway")
@@ -47,6 +47,10 @@ STATE_TYPES = frozenset({"civic.moderation.action", "civic.membership.changed", 
 """Event types that can change bans, consent or account mappings (other nodes reload theirs)."""
 STATE_RELOAD_INTERVAL = 30.0
 """Seconds between reloads of bans and consent in a cluster, whatever the bus said."""
+STORE_RETRY_AFTER = 5
+"""Retry-After (seconds) of the 503 intake answers while the store is unreachable."""
+UNLINKED_WARN_MAX = 10_000
+"""Groups no link names that are each warned about once; past this many, no more."""
 
 
 class Gateway:
@@ -64,6 +68,9 @@ class Gateway:
         self.pipeline: Pipeline | None = None
         self._ban_rules: dict[PlatformName, tuple[BanRule, ...]] = {}
         self._ban_matcher: BanRules | None = None
+        self.platform_state: dict[PlatformName, tuple[bool, str]] = {}
+        """Per platform: (up, why not), as its adapter last reported (``AdapterContext.set_up``)."""
+        self._unlinked_warned: set[tuple[str, str]] = set()
         for name, pc in config.platforms.items():
             cls = find_adapter(pc.kind)
             self.adapters[name] = cls(AdapterContext(name=name, config=pc.adapter_config, ingest=self.ingest,
@@ -72,7 +79,10 @@ class Gateway:
                                                      state=StoreState(self.store, name),
                                                      set_ban_rules=functools.partial(self.set_ban_rules, name),
                                                      groups=tuple(g.group for g in self.router.groups()
-                                                                  if g.platform == name)))
+                                                                  if g.platform == name),
+                                                     set_up=functools.partial(self.set_platform_up, name)))
+            if name not in self.platform_state:
+                self.set_platform_up(name, True, "")
         self.delivery = DeliveryEngine(self.store, self.adapters, self.metrics, self.tasks,
                                        retry_max_delay=self.settings.retry_max_delay,
                                        retry_max_age=self.settings.retry_max_age)
@@ -89,6 +99,7 @@ class Gateway:
             self.cluster = Cluster(self.node, self.store, bus, self.delivery, self.metrics, self.tasks,
                                    partitions=self.settings.partitions, lease_ttl=self.settings.lease_ttl,
                                    on_state=self._state_changed_elsewhere)
+        self.metrics.store_up.set_function(lambda: 0 if self.store.unavailable() else 1)  # read at each scrape
         self.ready = False
         self._outbox_depth = 0
         self._runner: web.AppRunner | None = None
@@ -99,6 +110,8 @@ class Gateway:
         new outbox rows to delivery. Called by adapters; raises ``Overloaded``."""
         if not self.ready or self.pipeline is None:
             raise Overloaded(503, 5, "the gateway is starting")
+        if (why := self.store.unavailable()) is not None:
+            raise Overloaded(503, STORE_RETRY_AFTER, f"the gateway's database is unreachable ({why}); retry later")
         if self.store.backlog() > STORE_BACKLOG_LIMIT:
             raise Overloaded(503, 1, "the store is busy; retry shortly")
         if self._outbox_depth > self.settings.max_backlog:
@@ -110,6 +123,10 @@ class Gateway:
         prepared = [pipeline.prepare(e) for e in events]
         try:
             outcomes = await self.store.transact(lambda tx: [pipeline.apply(tx, e) for e in prepared])
+        except StoreUnavailable as exc:  # not stored (or, cut at its commit, stored once: a retry is a duplicate)
+            pipeline.invalidate()
+            raise Overloaded(503, STORE_RETRY_AFTER, f"the gateway's database is unreachable ({exc}); "
+                                                     "retry later") from None
         except Exception:
             pipeline.invalidate()
             raise
@@ -128,6 +145,8 @@ class Gateway:
             statuses.append("accepted" if out.status == "accepted" else out.reason or "dropped")
             if out.status == "dropped":
                 counts["dropped", ev.platform, out.reason or "unknown"] += 1
+                if out.reason == "unlinked":
+                    self._warn_unlinked(ev.platform, ev.group)
             for reason in out.degraded:
                 counts["degraded", reason, ""] += 1
             items.extend(out.items)
@@ -145,6 +164,35 @@ class Gateway:
             else:
                 m.degraded.labels(a).inc(n)
         return IngestResult(accepted=accepted, duplicates=duplicates, outcomes=tuple(statuses))
+
+    def _warn_unlinked(self, platform: str, group: str) -> None:
+        """Once per group: its events are dropped because no link names it
+        (a typo in the config, or a group the site should not send)."""
+        key = (platform, group)
+        if key in self._unlinked_warned or len(self._unlinked_warned) > UNLINKED_WARN_MAX:
+            return
+        self._unlinked_warned.add(key)
+        if len(self._unlinked_warned) > UNLINKED_WARN_MAX:
+            log.warning("more than %d groups that no link names sent events; not naming more of them",
+                        UNLINKED_WARN_MAX)
+            return
+        log.warning("events of %s group %r are dropped: no link names that group (counted in"
+                    " civic_dropped_total{reason=\"unlinked\"}; warned once)", platform, group,
+                    extra={"platform": platform, "group": group, "reason": "unlinked"})
+
+    def set_platform_up(self, platform: PlatformName, up: bool, reason: str = "") -> None:
+        """What an adapter's ``ctx.set_up`` calls: record whether ``platform``
+        can move events now, for ``/readyz`` and ``civic_platform_up``; log changes."""
+        reason = "" if up else (reason or "down")
+        before = self.platform_state.get(platform)
+        self.platform_state[platform] = (up, reason)
+        self.metrics.platform_up.labels(platform).set(1 if up else 0)
+        if before is None or before == (up, reason):
+            return
+        if up:
+            log.info("platform %s is up again", platform, extra={"platform": platform})
+        elif before[0]:
+            log.warning("platform %s is down: %s", platform, reason, extra={"platform": platform, "reason": reason})
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -250,6 +298,8 @@ class Gateway:
                     pruned = await self.store.prune_processed(time.time() - PROCESSED_RETENTION)
                     if pruned:
                         log.info("forgot %d old inbound event ids", pruned)
+            except StoreUnavailable:
+                pass  # the store logged the outage once; /readyz says so
             except Exception:
                 log.exception("housekeeping failed")
 
@@ -281,8 +331,22 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        ready = self.ready and (self.cluster is None or self.cluster.healthy)
-        body: dict[str, object] = {"ready": ready, "node": self.node if self.cluster else "embedded",
+        """Ready (200) while this node can take events: started, its store
+        reachable, its cluster leases valid. A platform that is down (broker
+        unreachable) does not make the node unready, since every node sees the
+        same broker and other platforms still work: it is listed under
+        ``platforms`` and sets ``degraded``. ``?strict`` makes a platform that
+        is down answer 503 too (for monitors that read only the status)."""
+        store_error = self.store.unavailable()
+        ready = self.ready and store_error is None and (self.cluster is None or self.cluster.healthy)
+        platforms = {name: {"up": up, **({"reason": why} if not up else {})}
+                     for name, (up, why) in sorted(self.platform_state.items())}
+        degraded = not all(up for up, _ in self.platform_state.values())
+        body: dict[str, object] = {"ready": ready, "degraded": degraded,
+                                   "node": self.node if self.cluster else "embedded",
+                                   "store": {"reachable": store_error is None,
+                                             **({"error": store_error} if store_error else {})},
+                                   "platforms": platforms,
                                    "queues": self.delivery.owners(), "undelivered": self._outbox_depth}
         if self.cluster is not None:
             status = self.cluster.status()
@@ -292,7 +356,9 @@ class Gateway:
             except Exception as exc:  # the store is unreachable: say so, and the leases will tell
                 status["owners_error"] = str(exc) or type(exc).__name__
             body["cluster"] = status
-        return web.json_response(body, status=200 if ready else 503)
+        ok = ready and not (degraded and "strict" in request.query)
+        headers = {} if ok else {"Retry-After": str(STORE_RETRY_AFTER)}
+        return web.json_response(body, status=200 if ok else 503, headers=headers)
 
     async def _moderation_log(self, request: web.Request) -> web.Response:
         """The public transparency log: every moderation action the gateway carried."""

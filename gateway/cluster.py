@@ -36,7 +36,7 @@ from gateway.bus import STATE, WAKE, Bus
 from gateway.delivery import DeliveryEngine
 from gateway.ids import GroupId, GroupRef, PlatformName
 from gateway.metrics import Metrics
-from gateway.store.base import Store
+from gateway.store.base import Store, StoreUnavailable
 from gateway.tasks import TaskGroup
 
 log = logging.getLogger("civic.cluster")
@@ -121,7 +121,9 @@ class Cluster:
             view = await self.store.cluster_tick(self.node, self.partitions, self.lease_ttl)
         except Exception as exc:
             self.last_tick_error = str(exc) or type(exc).__name__
-            log.warning("lease renewal failed: %s", self.last_tick_error)
+            # An unreachable store was logged once by the store; the leases lapse and the log says so.
+            (log.debug if isinstance(exc, StoreUnavailable) else log.warning)(
+                "lease renewal failed: %s", self.last_tick_error)
             return
         self.last_tick_error = None
         # The leases run from the database's clock at the tick; measured from
@@ -151,7 +153,7 @@ class Cluster:
             try:
                 await self._look(self.owns)
             except Exception as exc:
-                log.warning("polling the outbox failed: %s", exc)
+                (log.debug if isinstance(exc, StoreUnavailable) else log.warning)("polling the outbox failed: %s", exc)
 
     async def _look(self, which: Callable[[GroupRef], bool]) -> None:
         for target in await self.store.outbox_groups():

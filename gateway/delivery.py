@@ -27,13 +27,15 @@ from gateway.adapter import Adapter, Delivery
 from gateway.errors import PermanentDeliveryError, TransientDeliveryError
 from gateway.ids import MESSAGE, GroupRef, NativeId, PlatformName
 from gateway.metrics import Metrics
-from gateway.store.base import Mapping, OutboxItem, Store
+from gateway.store.base import Mapping, OutboxItem, Store, StoreUnavailable
 from gateway.tasks import TaskGroup
 
 log = logging.getLogger("civic.delivery")
 
 MAX_IN_MEMORY = 2000
 BASE_DELAY = 0.5
+RETRY_WARN_AFTER = 5
+"""Failed attempts of one batch logged at INFO; from this many on, at WARNING."""
 COPY_CACHE_MAX = 200_000
 _REF_FIELDS = ("id", "reply_to", "thread", "message")
 
@@ -198,11 +200,20 @@ class DeliveryEngine:
             isolate = 0  # after a permanent failure of a batch: send one by one
             attempts = 0
             retry_n = 0  # a retry sends exactly the batch that failed (same webhook-id)
+            store_failures = 0
             while not self._stopping and not q.released:
                 if not q.items:
                     if not q.overflow:
                         break
-                    await self._reload(q)
+                    try:
+                        await self._reload(q)
+                    except Exception as exc:  # the store is unreachable (it fails fast): read again later
+                        store_failures += 1
+                        (log.debug if isinstance(exc, StoreUnavailable) else log.warning)(
+                            "reading the queue of %s failed: %s", q.target, exc)
+                        await self._sleep(self._backoff(store_failures, None))
+                        continue
+                    store_failures = 0
                     if not q.items:
                         break
                 n = 1 if isolate else min(retry_n or size_limit, len(q.items))
@@ -219,7 +230,12 @@ class DeliveryEngine:
                         attempts = retry_n = 0
                         continue
                     delay = self._backoff(attempts, exc.retry_after)
-                    log.info("delivery to %s failed (%s); retry %d in %.1fs", q.target, exc, attempts, delay)
+                    # The first retries are routine; a target still refusing after
+                    # RETRY_WARN_AFTER attempts needs a person to look at it.
+                    (log.info if attempts < RETRY_WARN_AFTER else log.warning)(
+                        "delivery to %s failed (%s); retry %d in %.1fs", q.target, exc, attempts, delay,
+                        extra={"platform": q.target.platform, "group": q.target.group,
+                               "event_id": batch[0].event_id, "attempts": attempts, "error": str(exc)})
                     await self._sleep(delay)
                     continue
                 except PermanentDeliveryError as exc:
@@ -281,8 +297,16 @@ class DeliveryEngine:
             self.metrics.events_out.labels(platform, etype).inc(n)
 
     async def _dead(self, q: _Queue, item: OutboxItem, error: str, attempts: int) -> None:
-        log.warning("dead-lettering %s for %s: %s", item.event_id, q.target, error)
-        await self.store.dead_letter(item, error, attempts, self.clock())
+        try:
+            await self.store.dead_letter(item, error, attempts, self.clock())
+        except Exception as exc:  # e.g. the store is unreachable: the event stays queued and is tried again
+            log.warning("could not dead-letter %s for %s (%s); it stays queued", item.event_id, q.target, exc)
+            await self._sleep(min(self.retry_max_delay, 5.0))
+            return
+        # A person must act: fix the target, then replay (docs/operations.md).
+        log.error("dead-lettered %s for %s after %d attempts: %s", item.event_id, q.target, attempts, error,
+                  extra={"platform": q.target.platform, "group": q.target.group, "event_id": item.event_id,
+                         "attempts": attempts, "error": error})
         if q.items and q.items[0].seq == item.seq:
             q.items.popleft()
         q.done_seq = max(q.done_seq, item.seq)

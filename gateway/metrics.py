@@ -46,6 +46,10 @@ class Metrics:
         self.bus_connected = Gauge("civic_bus_connected", "1 while the cluster bus is connected.", registry=r)
         self.ban_rules = Gauge("civic_ban_rules", "Ban rules each platform contributes now (e.g. from policy lists).",
                                ["platform"], registry=r)
+        self.platform_up = Gauge("civic_platform_up", "1 while a platform can move events, 0 while it cannot"
+                                 " (broker or homeserver unreachable; /readyz says why).", ["platform"], registry=r)
+        self.store_up = Gauge("civic_store_up", "1 while the store takes transactions, 0 while it is unreachable"
+                              " (intake answers 503).", registry=r)
         self.overloaded = Counter("civic_overload_refusals", "Inbound requests refused with 429/503.",
                                   ["platform", "status"], registry=r)
 

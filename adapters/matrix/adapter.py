@@ -72,6 +72,7 @@ class MatrixAdapter(Adapter, InboundHooks):
         self.config: MatrixConfig = ctx.config
         self._caps = Capabilities(batch_max=self.config.batch_max)
         self.client = MatrixClient(self.config)
+        self.client.on_reach = ctx.set_up  # up while the homeserver answers (calls and pings)
         self.fetcher = GuardedSession(allow_private=self.config.media_fetch_private, timeout=30.0)
         self.media_key = media.media_key(self.config.hs_token)
         self.media_base = self.config.media_url or self.config.appservice_url
@@ -126,9 +127,12 @@ class MatrixAdapter(Adapter, InboundHooks):
                 self.last_ping = await ping_homeserver(self.client.session, self.config)
                 log.info("%s: homeserver %s reaches the gateway (ping %.0f ms)", self.name, self.config.homeserver,
                          self.last_ping * 1000)
+                self.ctx.set_up(True, "")
                 await self._join_linked_rooms()
                 return
             except PingError as exc:
+                if exc.status == 0 or attempt > 0:  # the first may only race the gateway's own HTTP server
+                    self.ctx.set_up(False, str(exc))
                 delay = PING_RETRY[min(attempt, len(PING_RETRY) - 1)]
                 (log.info if attempt < 2 else log.warning)("%s: %s; trying again in %.0f s", self.name, exc, delay)
                 await asyncio.sleep(delay)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -68,6 +68,9 @@ class MatrixClient:
         self.session: aiohttp.ClientSession | None = None
         self.calls = 0
         self.failures = 0
+        self.on_reach: Callable[[bool, str], None] = lambda reached, why: None
+        """Hears after each call whether the homeserver answered (a gateway
+        error of its reverse proxy, 502-504, counts as not answering)."""
 
     async def start(self) -> None:
         if self.session is None:
@@ -105,7 +108,13 @@ class MatrixClient:
                 retry_header = resp.headers.get("Retry-After")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             self.failures += 1
-            raise MatrixError(0, None, f"{method} {path}: homeserver unreachable: {type(exc).__name__}: {exc}") from None
+            why = f"homeserver unreachable: {type(exc).__name__}: {exc}"
+            self.on_reach(False, why)
+            raise MatrixError(0, None, f"{method} {path}: {why}") from None
+        if status in (502, 503, 504):
+            self.on_reach(False, f"homeserver unavailable: HTTP {status} to {method} {path}")
+        else:
+            self.on_reach(True, "")
         try:
             answer = orjson.loads(raw) if raw else {}
         except orjson.JSONDecodeError:

@@ -8,6 +8,7 @@ A site publishes on ``{prefix}/{platform}/in`` and receives on
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Sequence
 
 import aiomqtt
@@ -52,16 +53,29 @@ class MqttAdapter(Adapter):
         client_id = self.config.client_id or f"civic-gateway-mqtt.{ctx.name}"
         lead = f"mqtt-in/{ctx.name}"
         self.connection = Connection(self.config, client_id, encode.in_topic(self.config.topic_prefix, ctx.name),
-                                     self._take, active=lambda: ctx.leads(lead))
+                                     self._take, active=lambda: ctx.leads(lead),
+                                     on_state=functools.partial(self._connection_state, "intake"))
         # Delivery: every node publishes the groups it owns, on a connection of its own.
-        self.publisher = Connection(self.config, f"{client_id}.out.{ctx.node}", None, None)
+        self.publisher = Connection(self.config, f"{client_id}.out.{ctx.node}", None, None,
+                                    on_state=functools.partial(self._connection_state, "delivery"))
+        self._down: dict[str, str] = {}  # connection ("intake", "delivery") -> why it is not connected
         self._tasks = TaskGroup()
 
     @property
     def capabilities(self) -> Capabilities:
         return self._caps
 
+    def _connection_state(self, which: str, up: bool, why: str) -> None:
+        """The platform is up while both connections are (what ``/readyz`` shows)."""
+        if up:
+            self._down.pop(which, None)
+        else:
+            self._down[which] = why
+        self.ctx.set_up(not self._down, "; ".join(f"{k}: {v}" for k, v in sorted(self._down.items())))
+
     async def start(self) -> None:
+        # Up until a connection attempt fails (a refused one fails at once):
+        # a restart does not flap the platform down and up.
         self._tasks.spawn(self.connection.run(), f"mqtt-{self.name}")
         self._tasks.spawn(self.publisher.run(), f"mqtt-{self.name}-out")
 

@@ -307,11 +307,14 @@ class Connection:
     has not acknowledged waits in the broker, and it is connected only while
     ``active()`` (in a cluster: while this node leads the platform's intake;
     the next leader takes the same session over by its client id). Without,
-    it only publishes, with a clean session."""
+    it only publishes, with a clean session. ``on_state(up, why)`` hears each
+    connect and each failure (a consumer this node need not hold counts as up)."""
 
     def __init__(self, config: MqttConfig, client_id: str, subscription: str | None, handler: Handler | None,
-                 active: Callable[[], bool] = lambda: True) -> None:
+                 active: Callable[[], bool] = lambda: True,
+                 on_state: Callable[[bool, str], None] = lambda up, why: None) -> None:
         self.config = config
+        self.on_state = on_state
         self.client_id = client_id
         self.subscription = subscription
         self.handler = handler
@@ -340,6 +343,7 @@ class Connection:
         where = self.config.redacted_broker()
         while True:
             if not self.active():
+                self.on_state(True, "")  # another node holds the intake: nothing for this one to connect
                 await asyncio.sleep(ACTIVE_CHECK)
                 continue
             client = self._new_client()
@@ -354,6 +358,7 @@ class Connection:
                     self.client = client
                     self.connections += 1
                     self.connected.set()
+                    self.on_state(True, "")
                     delay = RECONNECT_MIN
                     log.info("connected to %s as %s", where, self.client_id)
                     await self._take(client)
@@ -364,8 +369,10 @@ class Connection:
             except aiomqtt.MqttError as exc:
                 why = f"{exc}: {exc.__cause__}" if exc.__cause__ else str(exc)
                 log.warning("MQTT connection to %s lost or refused (%s); reconnecting in %.1f s", where, why, delay)
+                self.on_state(False, f"broker {where} unreachable or refusing: {why}")
             except Exception:  # a bug in handling: nothing was acknowledged, so reconnect and get it all again
                 log.exception("handling MQTT messages from %s failed; reconnecting in %.1f s", where, delay)
+                self.on_state(False, f"handling messages from {where} failed; reconnecting")
             finally:
                 self.client = None
                 self.connected.clear()

@@ -48,11 +48,17 @@ async def handle(ctx: AdapterContext, config: WebhookConfig, request: web.Reques
     except DecodeError as exc:
         ctx.metrics.decode_errors.labels(platform, str(exc.status)).inc()
         return web.json_response(exc.as_json(), status=exc.status, headers=exc.headers)
+    inbound = [decode.to_inbound(platform, e, now) for e in events]
     try:
-        result = await ctx.ingest([decode.to_inbound(platform, e, now) for e in events])
+        result = await ctx.ingest(inbound)
     except Overloaded as exc:
         ctx.metrics.overloaded.labels(platform, str(exc.status)).inc()
         return web.json_response({"error": str(exc)}, status=exc.status,
                                  headers={"Retry-After": str(exc.retry_after)})
-    return web.Response(body=orjson.dumps({"accepted": result.accepted, "duplicates": result.duplicates}),
-                        status=202, content_type="application/json")
+    answer: dict[str, object] = {"accepted": result.accepted, "duplicates": result.duplicates}
+    # Stored but not relayed, and why (e.g. "unlinked": no link names the group): a site sees its mistake.
+    not_relayed = [{"index": i, "id": ev.event_id, "reason": why}
+                   for i, (ev, why) in enumerate(zip(inbound, result.outcomes)) if why not in ("accepted", "duplicate")]
+    if not_relayed:
+        answer["not_relayed"] = not_relayed
+    return web.Response(body=orjson.dumps(answer), status=202, content_type="application/json")

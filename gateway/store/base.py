@@ -202,6 +202,13 @@ class Tx(Protocol):
         """Whether an event with this fingerprint was sent at ``since`` or later."""
 
 
+class StoreUnavailable(Exception):
+    """The store's server cannot be reached now (``Store.unavailable`` says
+    why). The call failed rather than wait for the server to return; its
+    effect is not known when the connection broke during the commit, so
+    callers retry only what is idempotent (intake deduplicates by event id)."""
+
+
 class Store(abc.ABC):
     """Durable state. Implementations: ``gateway.store.sqlite.SqliteStore`` and
     ``gateway.store.postgresql.PostgresStore``."""
@@ -209,6 +216,13 @@ class Store(abc.ABC):
     on_retry: Callable[[], None] | None = None
     """Called (from the store's worker) before a rolled-back batch runs again,
     so that callers drop what they cached from the attempt that was undone."""
+
+    def unavailable(self) -> str | None:
+        """Why the store cannot take transactions now (its server unreachable),
+        or None when it can; cheap, no I/O. While it says why, calls fail at
+        once with ``StoreUnavailable`` instead of waiting, and the store looks
+        for the server by itself. A local file (SQLite) is never unavailable."""
+        return None
 
     @abc.abstractmethod
     async def open(self) -> None:

@@ -13,6 +13,15 @@ caller's loop. A serialization failure, a deadlock or a lost connection makes
 the worker roll back and run the whole batch again (reconnecting first if
 needed): a job is never lost silently, but its function may run more than once.
 
+An unreachable server. When the worker cannot reconnect, it fails the jobs of
+its batch with ``StoreUnavailable`` instead of waiting for the server (a
+caller answers at once: intake says 503 and Retry-After), marks the store
+unavailable (``unavailable()`` says why, for ``/readyz``), and from then on
+every call fails at once until a worker, trying to connect every
+``PROBE_INTERVAL``, reaches the server again. Nothing committed is lost; what
+failed was not done (or, cut during its commit, may have been: callers retry
+only idempotent work).
+
 The outbox horizon. Several nodes insert into the outbox at once and one node
 at a time delivers a target group, paging with a cursor. A plain sequence is
 not enough: a transaction can commit a lower ``seq`` after a higher one was
@@ -56,6 +65,7 @@ from gateway.store.base import (
     ModerationEntry,
     OutboxItem,
     Store,
+    StoreUnavailable,
     check_state_key,
     prefix_end,
     refuse_newer_schema,
@@ -81,6 +91,8 @@ HORIZON_WAIT = 1.0
 """Longest time ``outbox_page`` waits for transactions that were running when it
 was called to finish (their rows, once final, belong in the page)."""
 CONNECT_TIMEOUT = 10.0
+PROBE_INTERVAL = 0.5
+"""Seconds between two connection attempts of an idle worker while the server is unreachable."""
 RETRY_MIN, RETRY_MAX = 0.01, 2.0
 PRUNE_STEP = 2000
 MIGRATION_LOCK = int.from_bytes(b"civicmig", "big")
@@ -309,6 +321,7 @@ class _Worker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.conn: asyncpg.Connection | None = None
         self.thread: threading.Thread | None = None
+        self._connect_error: str | None = None
 
     def start(self, ready: asyncio.Future[None]) -> None:
         self.thread = threading.Thread(target=self._main, args=(ready,), name=f"civic-pg-{self.index}", daemon=True)
@@ -329,7 +342,14 @@ class _Worker:
         jobs = self.store._jobs
         stop = False
         while not stop:
-            job = jobs.get()
+            if self.conn is None and self.store._down is not None:
+                try:  # no server: look for it now and then, whether or not work comes
+                    job = jobs.get(timeout=PROBE_INTERVAL)
+                except queue.Empty:
+                    self._reconnect(quiet=True)
+                    continue
+            else:
+                job = jobs.get()
             if job is None:
                 break
             batch = [job]
@@ -372,12 +392,22 @@ class _Worker:
                 self._rollback()
                 return [(job.future, False, exc) for job in batch]
             level = logging.INFO if isinstance(exc, asyncpg.exceptions.TransactionRollbackError) else logging.WARNING
+            if self.store._down is not None:
+                level = logging.DEBUG  # the outage was logged once
             log.log(level, "store transaction of %d jobs failed (%s: %s); retrying", len(batch),
                     type(exc).__name__, exc)
             time.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, RETRY_MAX)
-            if not self._rollback():
-                self._reconnect()
+            if not self._rollback() and not self._reconnect(quiet=self.store._down is not None):
+                # The server is gone, not just this connection: fail now rather
+                # than hold every caller until it returns (nothing was committed,
+                # unless the connection broke during the commit itself).
+                why = self._connect_error or f"{type(exc).__name__}: {exc}"
+                self.store._set_down(why)
+                if self.store.on_retry is not None:
+                    self.store.on_retry()  # what the attempt cached is void
+                unavailable = StoreUnavailable(f"PostgreSQL unreachable: {why}")
+                return [(job.future, False, unavailable) for job in batch]
             if self.store.on_retry is not None:
                 self.store.on_retry()
 
@@ -426,14 +456,21 @@ class _Worker:
             log.warning("rollback failed: %s", exc)
             return False
 
-    def _reconnect(self) -> None:
+    def _reconnect(self, quiet: bool = False) -> bool:
+        """A new connection; False (and ``_connect_error`` says why) when the
+        server cannot be reached. ``quiet``: the outage is known, do not log."""
         self._disconnect()
         assert self.loop is not None
         try:
             self.conn = self.loop.run_until_complete(self.store._connect())
         except Exception as exc:  # the next attempt fails again and waits longer
-            log.warning("reconnecting to PostgreSQL failed: %s", exc)
+            self._connect_error = f"{type(exc).__name__}: {exc}"
+            (log.debug if quiet else log.warning)("reconnecting to PostgreSQL failed: %s", self._connect_error)
             self.conn = None
+            return False
+        self._connect_error = None
+        self.store._set_reachable()
+        return True
 
     def _disconnect(self) -> None:
         conn, self.conn = self.conn, None
@@ -479,6 +516,9 @@ class PostgresStore(Store):
         self._closing = False
         self._submitted = 0  # touched by the event loop thread only
         self._finished_before = 0  # jobs finished by workers of an earlier open()
+        self._down: str | None = None  # why the server is unreachable (set and cleared by workers)
+        self._down_since = 0.0
+        self._down_lock = threading.Lock()
 
     @property
     def commits(self) -> int:
@@ -492,6 +532,7 @@ class PostgresStore(Store):
         self._loop = loop = asyncio.get_running_loop()
         self._jobs = queue.SimpleQueue()
         self._closing = False
+        self._down = None
         readies = []
         for i in range(self.pool):
             w = _Worker(self, i)
@@ -539,6 +580,31 @@ class PostgresStore(Store):
         except RuntimeError:  # that loop is closed: nobody waits for these any more
             pass
 
+    # -- an unreachable server ---------------------------------------------------------------
+    def unavailable(self) -> str | None:
+        return self._down
+
+    def _set_down(self, why: str) -> None:
+        """A worker could not reach the server (from its thread)."""
+        with self._down_lock:
+            first = self._down is None
+            if first:
+                self._down_since = time.monotonic()
+            self._down = why
+        if first:
+            log.error("PostgreSQL is unreachable (%s): store calls fail at once, intake answers 503, until it"
+                      " answers again", why, extra={"error": why})
+
+    def _set_reachable(self) -> None:
+        """A worker reached the server again (from its thread)."""
+        with self._down_lock:
+            if self._down is None:
+                return
+            self._down = None
+            lasted = time.monotonic() - self._down_since
+        log.warning("PostgreSQL is reachable again after %.1f s", lasted,
+                    extra={"outage_seconds": round(lasted, 1)})
+
     # -- the async face ----------------------------------------------------------------------
     def backlog(self) -> int:
         return self._submitted - self._finished_before - sum(w.finished for w in self._workers)
@@ -547,6 +613,8 @@ class PostgresStore(Store):
         loop = self._loop
         if loop is None or not self._open:
             raise RuntimeError("store is not open")
+        if self._down is not None:
+            raise StoreUnavailable(f"PostgreSQL unreachable: {self._down}")
         fut: asyncio.Future[T] = loop.create_future()
         self._submitted += 1
         self._jobs.put(Job(fn, fut))
