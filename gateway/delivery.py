@@ -33,6 +33,8 @@ from gateway.tasks import TaskGroup
 log = logging.getLogger("civic.delivery")
 
 MAX_IN_MEMORY = 2000
+COMPLETION_RETRY = 1.0
+"""Seconds between tries to record completed deliveries while the store is unavailable."""
 BASE_DELAY = 0.5
 RETRY_WARN_AFTER = 5
 """Failed attempts of one batch logged at INFO; from this many on, at WARNING."""
@@ -64,6 +66,7 @@ class _Completions:
         self.seqs: list[int] = []
         self.maps: list[Mapping] = []
         self.flushing = False
+        self.stopping = False
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -82,6 +85,16 @@ class _Completions:
                 self.seqs, self.maps = [], []
                 try:
                     await self.store.complete(seqs, maps)
+                except StoreUnavailable as exc:
+                    if self.stopping:
+                        log.warning("the store is unavailable: %d completed deliveries were not recorded and will "
+                                    "be sent again after the restart, with the same ids", len(seqs))
+                        break
+                    # The store is away (a PostgreSQL restart): keep the record
+                    # and try again, so that what was delivered is not sent twice.
+                    self.seqs, self.maps = seqs + self.seqs, maps + self.maps
+                    log.debug("recording %d completed deliveries waits for the store: %s", len(seqs), exc)
+                    await asyncio.sleep(COMPLETION_RETRY)
                 except Exception:
                     log.exception("recording %d completed deliveries failed; they may be sent again", len(seqs))
         finally:
@@ -173,6 +186,7 @@ class DeliveryEngine:
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+        self._completions.stopping = True
         await self._completions.idle.wait()
 
     # -- the worker ------------------------------------------------------------------
