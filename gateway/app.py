@@ -27,9 +27,11 @@ from gateway.cluster import Cluster
 from gateway.config import Config, validate_adapters
 from gateway.delivery import DeliveryEngine
 from gateway.ids import PlatformName
+from gateway.intake import BodyReader
 from gateway.metrics import Metrics
 from gateway.pipeline import ECHO_WINDOW, Pipeline
 from gateway.policy import BanRules
+from gateway.problem import problem, problem_middleware
 from gateway.router import Router
 from gateway.store import Store, open_store
 from gateway.store.base import OutboxItem
@@ -60,6 +62,7 @@ class Gateway:
         self.node = self.settings.node or f"{socket.gethostname()}-{split_listen(self.settings.listen)[1]}"
         self.cluster: Cluster | None = None  # set below when the store is shared
         self.adapters: dict[PlatformName, Adapter] = {}
+        self.read_body = BodyReader(self.settings.body_budget, self.settings.body_timeout, self.metrics)
         self.pipeline: Pipeline | None = None
         self._ban_rules: dict[PlatformName, tuple[BanRule, ...]] = {}
         self._ban_matcher: BanRules | None = None
@@ -70,6 +73,7 @@ class Gateway:
                                                      node=self.node, leads=self._leads,
                                                      state=StoreState(self.store, name),
                                                      set_ban_rules=functools.partial(self.set_ban_rules, name),
+                                                     read_body=self.read_body,
                                                      groups=tuple(g.group for g in self.router.groups()
                                                                   if g.platform == name)))
         self.delivery = DeliveryEngine(self.store, self.adapters, self.metrics, self.tasks,
@@ -256,7 +260,7 @@ class Gateway:
     def web_app(self) -> web.Application:
         max_body = max((getattr(pc.adapter_config, "max_body", 0) for pc in self.config.platforms.values()),
                        default=0)
-        app = web.Application(client_max_size=max(max_body, 1024 * 1024) + 1024)
+        app = web.Application(client_max_size=max(max_body, 1024 * 1024) + 1024, middlewares=[problem_middleware])
         app.router.add_post("/v1/platforms/{name}/events", self._platform_events)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
@@ -270,7 +274,7 @@ class Gateway:
     async def _platform_events(self, request: web.Request) -> web.StreamResponse:
         adapter = self.adapters.get(PlatformName(request.match_info["name"]))
         if adapter is None:
-            return web.json_response({"error": f"unknown platform {request.match_info['name']!r}"}, status=404)
+            return problem(404, f"unknown platform {request.match_info['name']!r}", "unknown-platform")
         return await adapter.handle_events(request)
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -299,7 +303,7 @@ class Gateway:
             after = int(request.query.get("after", "0"))
             limit = min(1000, max(1, int(request.query.get("limit", "100"))))
         except ValueError:
-            return web.json_response({"error": "after and limit are whole numbers"}, status=400)
+            return problem(400, "after and limit are whole numbers", "bad-query")
         entries = await self.store.moderation_log(after, limit, request.query.get("link"))
         return web.json_response({"entries": [admin.to_builtins(e) for e in entries]})
 
