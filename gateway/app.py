@@ -27,7 +27,7 @@ from gateway.cluster import Cluster
 from gateway.config import Config, validate_adapters
 from gateway.delivery import DeliveryEngine
 from gateway.ids import PlatformName
-from gateway.intake import BodyReader
+from gateway.intake import BodyReader, release_memory
 from gateway.metrics import Metrics
 from gateway.pipeline import ECHO_WINDOW, Pipeline
 from gateway.policy import BanRules
@@ -46,6 +46,9 @@ PROCESSED_RETENTION = 14 * 86400.0
 STATE_TYPES = frozenset({"civic.moderation.action", "civic.membership.changed", "civic.profile.updated",
                          "civic.account.moved"})
 """Event types that can change bans, consent or account mappings (other nodes reload theirs)."""
+MEMORY_RELEASE_INTERVAL = 10.0
+"""Seconds between hand-backs of freed memory to the system (``gateway.intake.release_memory``):
+after a crowd of refused uploads the gateway shrinks back within about this time."""
 STATE_RELOAD_INTERVAL = 30.0
 """Seconds between reloads of bans and consent in a cluster, whatever the bus said."""
 
@@ -238,11 +241,14 @@ class Gateway:
                 log.warning("reloading bans and consent failed: %s", exc)
 
     async def _housekeeping(self) -> None:
-        last_prune = last_fingerprints = 0.0
+        last_prune = last_fingerprints = last_trim = 0.0
         while True:
             await asyncio.sleep(2.0)
             try:
                 await self._refresh_depth()
+                if release_memory is not None and time.time() - last_trim > MEMORY_RELEASE_INTERVAL:
+                    last_trim = time.time()
+                    release_memory()
                 if self.cluster is not None:
                     self.metrics.bus_connected.set(1 if self.cluster.bus.connected else 0)
                 if time.time() - last_fingerprints > 60:
@@ -311,7 +317,7 @@ class Gateway:
         """Start the HTTP server (after ``start``); returns the runner to clean up."""
         runner = web.AppRunner(self.web_app(), access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, backlog=1024)
+        site = web.SockSite(runner, listening_socket(host, port), backlog=1024)
         await site.start()
         self._runner = runner
         return runner
@@ -322,6 +328,33 @@ class Gateway:
             return False
         given = request.headers.get("Authorization", "")
         return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+RECEIVE_BUFFER = 64 * 1024
+"""SO_RCVBUF of the connections the HTTP server accepts. The event loop reads
+a connection up to 256 KiB at a time, whatever the request: with the kernel's
+default (auto-tuned to megabytes), 500 clients that upload 1 MiB bodies and
+stall made ~80 MiB appear in the gateway at once, before any handler could
+refuse them; with 64 KiB, ~8 MiB. It still lets a 1 MiB body arrive in about a
+second over a 100 ms path."""
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound, with ``RECEIVE_BUFFER`` (set before
+    ``listen`` so that accepted connections inherit it and the TCP window
+    scale is agreed accordingly)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def split_listen(listen: str) -> tuple[str, int]:

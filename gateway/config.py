@@ -59,7 +59,7 @@ class GatewaySettings(Struct, forbid_unknown_fields=True, kw_only=True):
     body_timeout: Annotated[float, Meta(gt=0, le=300)] = 10.0
     """Seconds a request body (site events, an ActivityPub activity, a Matrix
     transaction) may take to arrive once its headers passed; 408 after."""
-    body_budget: Annotated[int, Meta(ge=1024 * 1024, le=4 * 1024 * 1024 * 1024)] = 32 * 1024 * 1024
+    body_budget: Annotated[int, Meta(ge=1024 * 1024, le=4 * 1024 * 1024 * 1024)] = 16 * 1024 * 1024
     """Bytes of request bodies received at once, all requests together; 503
     with Retry-After beyond. Bodies over 64 KiB may use three quarters of it."""
 

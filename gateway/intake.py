@@ -24,7 +24,10 @@ refusal is a ``BodyError``; each endpoint turns it into its own error format.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gateway.errors import GatewayError
@@ -34,11 +37,32 @@ if TYPE_CHECKING:
 
     from gateway.metrics import Metrics
 
-DEFAULT_BUDGET = 32 * 1024 * 1024
+DEFAULT_BUDGET = 16 * 1024 * 1024
 DEFAULT_TIMEOUT = 10.0
 SMALL_BODY = 64 * 1024
 """A body up to this size may use the whole budget; a bigger one only ``LARGE_SHARE`` of it."""
 LARGE_SHARE = 0.75
+
+
+def _malloc_trim() -> Callable[[], None] | None:
+    """glibc's ``malloc_trim(0)``, or None elsewhere. The pieces of bodies
+    (read, or read and thrown away after a refusal) are tens of KiB each;
+    freed, they stay in the C heap between live objects, and glibc hands
+    little of it back on its own (500 stalled uploads left the gateway 18-27
+    MiB larger for good). The gateway's housekeeping calls it now and then."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+
+    def release() -> None:
+        trim(0)
+    return release
+
+
+release_memory = _malloc_trim()
 
 
 class BodyError(GatewayError):
