@@ -23,6 +23,7 @@ import msgspec
 from msgspec import Struct
 
 from gateway.ids import EventId, GroupId, NativeId, PlatformName
+from gateway.intake import BodyReader
 from gateway.store.base import check_state_key
 
 if TYPE_CHECKING:
@@ -266,6 +267,12 @@ class AdapterContext(Struct, kw_only=True):
     Until an adapter reports, its platform counts as up: adapters that only
     take events over the gateway's HTTP server (webhook, ActivityPub) never
     report, and their delivery failures show in the outbox metrics."""
+    read_body: BodyReader = msgspec.field(default_factory=BodyReader)
+    """Reads a request body within bounds: ``await ctx.read_body(request,
+    limit)`` after the request's headers proved who sends it; raises
+    ``gateway.intake.BodyError`` (413, 408, or 503 with Retry-After). One
+    per gateway, shared by every adapter, so the bytes of all bodies being
+    received count against one budget (``[gateway] body_budget``)."""
 
 
 class Adapter(abc.ABC):
@@ -301,9 +308,9 @@ class Adapter(abc.ABC):
     async def handle_events(self, request: "web.Request") -> "web.StreamResponse":
         """Serve ``POST /v1/platforms/{name}/events`` for this platform. Adapters
         that take events another way keep this default (404)."""
-        from aiohttp import web
+        from gateway.problem import problem
 
-        return web.json_response({"error": f"platform {self.name!r} does not take events over HTTP"}, status=404)
+        return problem(404, f"platform {self.name!r} does not take events over HTTP", "unknown-platform")
 
     async def start(self) -> None:
         """Called once before the gateway takes traffic (open clients, connect)."""

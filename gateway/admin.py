@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 
+from gateway.intake import BodyError
+from gateway.problem import problem
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -20,6 +22,16 @@ if TYPE_CHECKING:
 
 def to_builtins(obj: Any) -> Any:
     return msgspec.to_builtins(obj)
+
+
+REPLAY_MAX_BODY = 1024 * 1024
+"""Largest replay request read (a list of sequence numbers)."""
+
+
+def _path_of(message: str) -> str | None:
+    """The JSON path a msgspec error names (``... - at `$.seqs[0]```), if any."""
+    _, sep, path = message.rpartition(" - at `")
+    return path.rstrip("`") if sep else None
 
 
 class ReplayRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -30,10 +42,10 @@ def add_routes(app: web.Application, gw: "Gateway") -> None:
     def guarded(handler: Any) -> Any:
         async def wrapper(request: web.Request) -> web.StreamResponse:
             if not gw.settings.admin_token:
-                return web.json_response({"error": "the admin API is off: set [gateway] admin_token"}, status=404)
+                return problem(404, "the admin API is off: set [gateway] admin_token")
             if not gw.check_admin(request):
-                return web.json_response({"error": "missing or wrong bearer token"}, status=401,
-                                         headers={"WWW-Authenticate": "Bearer"})
+                return problem(401, "missing or wrong bearer token", "unauthorized",
+                               headers={"WWW-Authenticate": "Bearer"})
             return await handler(request)
         return wrapper
 
@@ -54,7 +66,7 @@ def add_routes(app: web.Application, gw: "Gateway") -> None:
             after = int(request.query.get("after", "0"))
             limit = min(1000, max(1, int(request.query.get("limit", "100"))))
         except ValueError:
-            return web.json_response({"error": "after and limit are whole numbers"}, status=400)
+            return problem(400, "after and limit are whole numbers", "bad-query")
         rows = await gw.store.dead_letters(after, limit)
         return web.json_response({"dead_letters": [{
             "seq": d.item.seq, "platform": d.item.target.platform, "group": d.item.target.group,
@@ -64,11 +76,14 @@ def add_routes(app: web.Application, gw: "Gateway") -> None:
         } for d in rows]})
 
     async def replay(request: web.Request) -> web.Response:
-        body = await request.read()
+        try:
+            body = await gw.read_body(request, REPLAY_MAX_BODY)
+        except BodyError as exc:
+            return problem(exc.status, str(exc), headers=exc.headers)
         try:
             req = msgspec.json.decode(body, type=ReplayRequest) if body.strip() else ReplayRequest()
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return web.json_response({"error": f"bad request body: {exc}"}, status=400)
+            return problem(400, f"bad request body: {exc}", "invalid-request", field=_path_of(str(exc)))
         items = await gw.store.replay(req.seqs)
         gw.hand_over(items)
         gw.metrics.dead_letters.set(await gw.store.dead_letter_count())

@@ -28,9 +28,11 @@ from gateway.cluster import Cluster
 from gateway.config import Config, validate_adapters
 from gateway.delivery import DeliveryEngine
 from gateway.ids import PlatformName
+from gateway.intake import BodyReader, release_memory
 from gateway.metrics import Metrics
 from gateway.pipeline import ECHO_WINDOW, Pipeline
 from gateway.policy import BanRules
+from gateway.problem import problem, problem_middleware
 from gateway.router import Router
 from gateway.store import Store, open_store
 from gateway.store.base import OutboxItem, StoreUnavailable
@@ -45,6 +47,9 @@ PROCESSED_RETENTION = 14 * 86400.0
 STATE_TYPES = frozenset({"civic.moderation.action", "civic.membership.changed", "civic.profile.updated",
                          "civic.account.moved"})
 """Event types that can change bans, consent or account mappings (other nodes reload theirs)."""
+MEMORY_RELEASE_INTERVAL = 10.0
+"""Seconds between hand-backs of freed memory to the system (``gateway.intake.release_memory``):
+after a crowd of refused uploads the gateway shrinks back within about this time."""
 STATE_RELOAD_INTERVAL = 30.0
 """Seconds between reloads of bans and consent in a cluster, whatever the bus said."""
 STORE_RETRY_AFTER = 5
@@ -65,6 +70,7 @@ class Gateway:
         self.node = self.settings.node or f"{socket.gethostname()}-{split_listen(self.settings.listen)[1]}"
         self.cluster: Cluster | None = None  # set below when the store is shared
         self.adapters: dict[PlatformName, Adapter] = {}
+        self.read_body = BodyReader(self.settings.body_budget, self.settings.body_timeout, self.metrics)
         self.pipeline: Pipeline | None = None
         self._ban_rules: dict[PlatformName, tuple[BanRule, ...]] = {}
         self._ban_matcher: BanRules | None = None
@@ -78,6 +84,7 @@ class Gateway:
                                                      node=self.node, leads=self._leads,
                                                      state=StoreState(self.store, name),
                                                      set_ban_rules=functools.partial(self.set_ban_rules, name),
+                                                     read_body=self.read_body,
                                                      groups=tuple(g.group for g in self.router.groups()
                                                                   if g.platform == name),
                                                      set_up=functools.partial(self.set_platform_up, name)))
@@ -283,11 +290,14 @@ class Gateway:
                 log.warning("reloading bans and consent failed: %s", exc)
 
     async def _housekeeping(self) -> None:
-        last_prune = last_fingerprints = 0.0
+        last_prune = last_fingerprints = last_trim = 0.0
         while True:
             await asyncio.sleep(2.0)
             try:
                 await self._refresh_depth()
+                if release_memory is not None and time.time() - last_trim > MEMORY_RELEASE_INTERVAL:
+                    last_trim = time.time()
+                    release_memory()
                 if self.cluster is not None:
                     self.metrics.bus_connected.set(1 if self.cluster.bus.connected else 0)
                 if time.time() - last_fingerprints > 60:
@@ -307,7 +317,7 @@ class Gateway:
     def web_app(self) -> web.Application:
         max_body = max((getattr(pc.adapter_config, "max_body", 0) for pc in self.config.platforms.values()),
                        default=0)
-        app = web.Application(client_max_size=max(max_body, 1024 * 1024) + 1024)
+        app = web.Application(client_max_size=max(max_body, 1024 * 1024) + 1024, middlewares=[problem_middleware])
         app.router.add_post("/v1/platforms/{name}/events", self._platform_events)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
@@ -321,7 +331,7 @@ class Gateway:
     async def _platform_events(self, request: web.Request) -> web.StreamResponse:
         adapter = self.adapters.get(PlatformName(request.match_info["name"]))
         if adapter is None:
-            return web.json_response({"error": f"unknown platform {request.match_info['name']!r}"}, status=404)
+            return problem(404, f"unknown platform {request.match_info['name']!r}", "unknown-platform")
         return await adapter.handle_events(request)
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -366,7 +376,7 @@ class Gateway:
             after = int(request.query.get("after", "0"))
             limit = min(1000, max(1, int(request.query.get("limit", "100"))))
         except ValueError:
-            return web.json_response({"error": "after and limit are whole numbers"}, status=400)
+            return problem(400, "after and limit are whole numbers", "bad-query")
         entries = await self.store.moderation_log(after, limit, request.query.get("link"))
         return web.json_response({"entries": [admin.to_builtins(e) for e in entries]})
 
@@ -374,7 +384,7 @@ class Gateway:
         """Start the HTTP server (after ``start``); returns the runner to clean up."""
         runner = web.AppRunner(self.web_app(), access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, backlog=1024)
+        site = web.SockSite(runner, listening_socket(host, port), backlog=1024)
         await site.start()
         self._runner = runner
         return runner
@@ -402,6 +412,33 @@ async def port_taken(host: str, port: int) -> bool:
     server.close()
     await server.wait_closed()
     return False
+
+
+RECEIVE_BUFFER = 64 * 1024
+"""SO_RCVBUF of the connections the HTTP server accepts. The event loop reads
+a connection up to 256 KiB at a time, whatever the request: with the kernel's
+default (auto-tuned to megabytes), 500 clients that upload 1 MiB bodies and
+stall made ~80 MiB appear in the gateway at once, before any handler could
+refuse them; with 64 KiB, ~8 MiB. It still lets a 1 MiB body arrive in about a
+second over a 100 ms path."""
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound, with ``RECEIVE_BUFFER`` (set before
+    ``listen`` so that accepted connections inherit it and the TCP window
+    scale is agreed accordingly)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def split_listen(listen: str) -> tuple[str, int]:

@@ -152,6 +152,12 @@ class GatewaySettings(Struct, forbid_unknown_fields=True, kw_only=True):
     """An event still failing after this many seconds goes to the dead letters."""
     synchronous: Literal["normal", "full"] = "normal"
     """SQLite durability: normal survives a process crash, full also a power cut."""
+    body_timeout: Annotated[float, Meta(gt=0, le=300)] = 10.0
+    """Seconds a request body (site events, an ActivityPub activity, a Matrix
+    transaction) may take to arrive once its headers passed; 408 after."""
+    body_budget: Annotated[int, Meta(ge=1024 * 1024, le=4 * 1024 * 1024 * 1024)] = 16 * 1024 * 1024
+    """Bytes of request bodies received at once, all requests together; 503
+    with Retry-After beyond. Bodies over 64 KiB may use three quarters of it."""
 
     def __post_init__(self) -> None:
         if not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]*):[0-9]{1,5}$", self.listen):

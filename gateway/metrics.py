@@ -52,6 +52,10 @@ class Metrics:
                               " (intake answers 503).", registry=r)
         self.overloaded = Counter("civic_overload_refusals", "Inbound requests refused with 429/503.",
                                   ["platform", "status"], registry=r)
+        self.body_bytes_in_flight = Gauge("civic_body_bytes_in_flight",
+                                          "Bytes of request bodies being received now (gateway.intake).", registry=r)
+        self.bodies_refused = Counter("civic_bodies_refused", "Request bodies not read: 413 too large, "
+                                      "408 too slow, 503 too many at once.", ["status"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -270,7 +270,9 @@ async def test_unsigned_forged_replayed_tampered_and_spoofed_activities_are_refu
         deep = b'{"a":' * 100 + b"1" + b"}" * 100
         assert await post(deep, evil.signed(inbox, deep)) == (400, "bad_json")
         huge = b'{"pad":"' + b"x" * (1024 * 1024) + b'"}'
-        assert (await post(huge, {"Content-Type": "application/activity+json"}))[0] == 413
+        assert (await post(huge, evil.signed(inbox, huge)))[0] == 413
+        # unsigned: refused from its headers, before its size matters
+        assert await post(huge, {"Content-Type": "application/activity+json"}) == (401, "unsigned")
         mine = create(evil.url, evil.url.replace("/users/mallory", "/notes/1"), "mine")
         ok = evil.signed(inbox, mine)
         assert await post(mine, ok) == (202, "")

@@ -7,11 +7,14 @@ origin checks), ``decode``/``encode`` (pure translation), ``delivery`` (durable
 per-host queues). This module serves the routes and joins them.
 
 Inbox, in this order, before anything is stored or sent (each refusal is
-``401`` or ``403`` with the reason, counted in
-``civic_activitypub_refused_total{reason}``): body size and JSON depth; a
-signature present (draft-cavage or RFC 9421); the key fetched from its
-owner's actor document; the signature (and ``Digest`` / ``Content-Digest``
-over the raw body, and the ``Date`` window) verified; the same signature not
+``4xx`` with the reason, counted in
+``civic_activitypub_refused_total{reason}``): from the headers alone, before
+any of the body is read, a signature present (draft-cavage or RFC 9421), its
+``Date`` / ``created`` in the window, the declared size, the key fetched from
+its owner's actor document; then the whole body through the gateway's shared
+reader (``gateway.intake``: 413 too large, 408 too slow, 503 with
+``Retry-After`` when too many bodies arrive at once) and its JSON depth; the
+signature (and ``Digest`` / ``Content-Digest`` over the raw body) verified; the same signature not
 seen before (a replay); the key's owner is the activity's ``actor``; the
 activity's id, and a created or updated object's id and author, on the
 actor's host. Then the activity is decoded and stored (the core deduplicates
@@ -47,6 +50,7 @@ from adapters.activitypub.delivery import HostQueues, OutItem
 from adapters.activitypub.remote import Remote, RemoteError, inbox_of, parse_json
 from gateway.adapter import Adapter, AdapterContext, Capabilities, Delivery, DeliveryResult, Inbound, Overloaded
 from gateway.errors import PermanentDeliveryError, TransientDeliveryError
+from gateway.intake import BodyError
 from gateway.netguard import GuardedSession
 from gateway.metrics import shared_collector
 from gateway.tasks import TaskGroup
@@ -60,6 +64,8 @@ KEY = "key:rsa"
 SEEN_SIGNATURES = 100_000
 WEBFINGER_MAX = 1024
 """Longest WebFinger ``resource`` read (``acct:`` + a name of at most ``enc.NAME_MAX`` + ``@`` + a host)."""
+BODY_REASONS = {408: "body_timeout", 413: "too_large", 503: "busy"}
+"""The refusal reason (metrics label) of each ``BodyError`` status."""
 FOLLOWERS_MAX = 100_000
 """Followers of one hosted group an announcement reaches (a civic group is far smaller)."""
 
@@ -77,10 +83,11 @@ def host(url: str) -> str:
 
 
 class Refused(Exception):
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
+        self.headers = headers
 
 
 class ActivityPubAdapter(Adapter):
@@ -276,7 +283,8 @@ class ActivityPubAdapter(Adapter):
         except Refused as exc:
             self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
             log.info("refused an activity at %s: %s", request.path, exc)
-            return web.json_response({"error": str(exc), "reason": exc.reason}, status=exc.status)
+            return web.json_response({"error": str(exc), "reason": exc.reason}, status=exc.status,
+                                     headers=exc.headers)
         self.received += 1
         try:
             await self._take(activity, actor)
@@ -292,12 +300,36 @@ class ActivityPubAdapter(Adapter):
         return web.json_response({}, status=202)
 
     async def _verified(self, request: web.Request) -> tuple[dict[str, Any], str, bytes]:
-        """The activity and its actor, once every check passed (``Refused`` otherwise)."""
+        """The activity and its actor, once every check passed (``Refused`` otherwise).
+
+        What the headers alone can tell comes first, before any of the body is
+        read (a stalled body from anyone must not hold memory): a signature
+        present, its time in the window, the declared size, the key fetched
+        from its owner. Then the whole body, through the gateway's shared
+        reader (bounded in size, time and memory), and the rest."""
+        headers = {k: v for k, v in request.headers.items()}
+        try:
+            key_id = sig.key_id_of(headers)
+            if key_id is not None:
+                sig.check_fresh(headers, time.time(), self.config.signature_window)
+        except sig.SignatureError as exc:
+            raise Refused(401, "bad_signature" if exc.reason == "malformed" else exc.reason,
+                          f"signature refused: {exc}") from None
+        if key_id is None:
+            raise Refused(401, "unsigned", "the request carries no HTTP signature")
         if request.content_length is not None and request.content_length > self.config.max_body:
             raise Refused(413, "too_large", f"body larger than {self.config.max_body} bytes")
-        body = await request.content.read(self.config.max_body + 1)
-        if len(body) > self.config.max_body:
-            raise Refused(413, "too_large", f"body larger than {self.config.max_body} bytes")
+        if host(key_id) == host(self.urls.base):
+            # Only the gateway holds its key: it never sends itself an activity.
+            raise Refused(401, "own_key", "signed with a key of the gateway's own actors")
+        try:
+            owner, public_key = await self.remote.key(key_id)
+        except RemoteError as exc:
+            raise Refused(401, "no_key", f"the signing key could not be had: {exc}") from None
+        try:
+            body = await self.ctx.read_body(request, self.config.max_body)
+        except BodyError as exc:
+            raise Refused(exc.status, BODY_REASONS[exc.status], str(exc), headers=exc.headers) from None
         try:
             activity = parse_json(body, self.config.max_depth)
         except RemoteError as exc:
@@ -308,20 +340,6 @@ class ActivityPubAdapter(Adapter):
         problem = dec.id_problem(activity)
         if problem is not None:
             raise Refused(400, "bad_id", f"an id that is not a well-formed http(s) URL: {problem}")
-        headers = {k: v for k, v in request.headers.items()}
-        try:
-            key_id = sig.key_id_of(headers)
-        except sig.SignatureError as exc:
-            raise Refused(401, "bad_signature", str(exc)) from None
-        if key_id is None:
-            raise Refused(401, "unsigned", "the request carries no HTTP signature")
-        if host(key_id) == host(self.urls.base):
-            # Only the gateway holds its key: it never sends itself an activity.
-            raise Refused(401, "own_key", "signed with a key of the gateway's own actors")
-        try:
-            owner, public_key = await self.remote.key(key_id)
-        except RemoteError as exc:
-            raise Refused(401, "no_key", f"the signing key could not be had: {exc}") from None
         now = time.time()
         url = f"{self.urls.base}{request.path_qs}"
         try:

@@ -1144,3 +1144,44 @@ def key_id_of(headers: Mapping[str, str]) -> str | None:
     if value is None:
         return None
     return parse_cavage(value).key_id
+
+
+@_defensive
+def check_fresh(headers: Mapping[str, str], now: float, max_skew: float = DEFAULT_MAX_SKEW) -> None:
+    """What can be checked of a signature before the body is read: its time.
+    Raises SignatureError("expired") unless the signature the verifier would
+    use could be in its window: for RFC 9421 one signature's ``created``; for
+    draft-cavage the ``Date`` header (when signed) and the ``created``
+    parameter (when present), and no ``expires`` passed. Does nothing for an
+    unsigned request (``key_id_of`` says so)."""
+    hmap = _header_lists(headers)
+    sig_input = _combined(hmap, "signature-input")
+    sig_value = _combined(hmap, "signature")
+    if sig_input is not None and sig_value is not None:
+        first: SignatureError | None = None
+        for sig in parse_rfc9421(sig_input, sig_value):
+            try:
+                if sig.created is None:
+                    raise SignatureError("missing", f"signature {sig.label!r} has no created parameter")
+                _check_window("created", float(sig.created), now, max_skew)
+                if sig.expires is not None and sig.expires < now:
+                    raise SignatureError("expired", f"signature {sig.label!r} expired")
+                return
+            except SignatureError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+        return
+    value = _cavage_header(hmap)
+    if value is None:
+        return
+    sig = parse_cavage(value)
+    if "date" in sig.headers:
+        date_value = _combined(hmap, "date")
+        if date_value is None:
+            raise SignatureError("missing", "signed header 'date' is not in the request")
+        _check_window("Date", _parse_http_date(date_value), now, max_skew)
+    if "(created)" in sig.headers and sig.created is not None:
+        _check_window("created", float(sig.created), now, max_skew)
+    if sig.expires is not None and float(sig.expires) < now:
+        raise SignatureError("expired", "the signature's expires time has passed")

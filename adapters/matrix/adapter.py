@@ -78,7 +78,7 @@ class MatrixAdapter(Adapter, InboundHooks):
         self.media_base = self.config.media_url or self.config.appservice_url
         self.outbound = Outbound(self.client, self.config, self.fetcher, self.media_key, self.media_base,
                                  on_degrade=lambda reason: ctx.metrics.degraded.labels(f"matrix_{reason}").inc())
-        self.inbound = AppserviceInbound(ctx.ingest, self.config, ctx.name, hooks=self)
+        self.inbound = AppserviceInbound(ctx.ingest, self.config, ctx.name, hooks=self, read_body=ctx.read_body)
         self.bot = self.inbound.bot_user
         self._rules: dict[tuple[str, str], PolicyRule] = {}
         self._names: dict[tuple[str, str], str | None] = {}

@@ -27,7 +27,11 @@ homeserver appends ``/_matrix/app/v1/...`` to that URL):
 
 Every route checks ``Authorization: Bearer <hs_token>`` (spec since v1.4,
 MSC2832) in constant time: no credentials -> ``401 M_UNAUTHORIZED``, wrong
-ones -> ``403 M_FORBIDDEN``, and nothing is read or stored. The deprecated
+ones -> ``403 M_FORBIDDEN``, and nothing is read or stored. Only then is a
+body read, through the gateway's shared reader (``gateway.intake``, the
+``read_body`` argument): ``413 M_TOO_LARGE`` over ``MAX_BODY``, ``408``
+when it does not arrive within ``[gateway] body_timeout``, ``503`` with
+``Retry-After`` when too many bodies are being received at once. The deprecated
 ``access_token`` query parameter is not accepted (Synapse sends the header
 always; the query parameter only in addition, with
 ``use_appservice_legacy_authorization``).
@@ -57,6 +61,7 @@ from adapters.matrix.config import MatrixConfig
 from adapters.matrix.decode import Decoded, MatrixDecodeError, decode_event
 from gateway.adapter import Inbound, Ingest, IngestResult, Overloaded
 from gateway.ids import PlatformName
+from gateway.intake import BodyError, BodyReader
 
 log = logging.getLogger("civic.matrix")
 
@@ -91,8 +96,9 @@ class AppserviceInbound:
 
     def __init__(self, ingest: Ingest, config: MatrixConfig, platform: str, *, prefix: str | None = None,
                  completed_max: int = COMPLETED_TXNS, hooks: "InboundHooks | None" = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, read_body: BodyReader | None = None) -> None:
         self.ingest = ingest
+        self.read_body = read_body or BodyReader()
         self.hooks = hooks
         self.clock = clock
         self.config = config
@@ -159,7 +165,7 @@ class AppserviceInbound:
         try:
             body = await self._read_json(request)
         except _BadRequest as exc:
-            return _error(exc.status, exc.errcode, str(exc))
+            return _error(exc.status, exc.errcode, str(exc), headers=exc.headers)
         events = body.get("events") if isinstance(body, dict) else None
         if not isinstance(events, list):
             return _error(400, "M_BAD_JSON", "`events`: expected a list")
@@ -273,16 +279,15 @@ class AppserviceInbound:
             self._completed.popitem(last=False)
 
     async def _read_json(self, request: web.Request) -> Any:
-        if request.content_length is not None and request.content_length > MAX_BODY:
-            raise _BadRequest(413, "M_TOO_LARGE", f"body is larger than {MAX_BODY} bytes")
-        chunks, size = [], 0
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > MAX_BODY:
-                raise _BadRequest(413, "M_TOO_LARGE", f"body is larger than {MAX_BODY} bytes")
-            chunks.append(chunk)
+        """The request's JSON body, read through the gateway's shared reader
+        (after ``_refuse`` checked the token): bounded in size, time and memory."""
         try:
-            return orjson.loads(b"".join(chunks))
+            body = await self.read_body(request, MAX_BODY)
+        except BodyError as exc:
+            raise _BadRequest(exc.status, "M_TOO_LARGE" if exc.status == 413 else "M_UNKNOWN", str(exc),
+                              headers=exc.headers) from None
+        try:
+            return orjson.loads(body)
         except orjson.JSONDecodeError:
             raise _BadRequest(400, "M_NOT_JSON", "the body is not JSON") from None
 
@@ -305,10 +310,11 @@ class InboundHooks:
 
 
 class _BadRequest(Exception):
-    def __init__(self, status: int, errcode: str, message: str) -> None:
+    def __init__(self, status: int, errcode: str, message: str, *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.errcode = errcode
+        self.headers = headers
 
 
 def _observe(task: asyncio.Future[IngestResult]) -> None:

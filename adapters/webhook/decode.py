@@ -19,7 +19,8 @@ from schemas.cloudevents import (
     single_decoder,
 )
 
-_AT = re.compile(r"^(.*) - at `\$(\[(\d+)\])?(.*)`$")
+_AT = re.compile(r"^(.*) - at `\$(\[(\d+)\])?(.*)`$", re.S)
+_NAMED = re.compile(r"^Object (?:missing required|contains unknown) field `(.*)`$", re.S)
 
 
 def check_content_type(content_type: str) -> bool:
@@ -40,19 +41,29 @@ def decode_body(content_type: str, body: bytes) -> list[CloudEventBase]:
             return batch_decoder.decode(body)
         return [single_decoder.decode(body)]
     except msgspec.ValidationError as exc:
-        msg = str(exc)
-        m = _AT.match(msg)
-        if not m:
-            raise DecodeError(f"invalid event: {msg}") from None
-        index = int(m.group(3)) if m.group(3) is not None else 0
-        field = "$" + m.group(4) if m.group(4) else "$"
-        if not batch:
-            field = "$" + (m.group(2) or "") + m.group(4) if m.group(2) else field
-        raise DecodeError(f"invalid event: {m.group(1)}", index=index, field=field) from None
+        index, field, problem = _locate(str(exc), batch)
+        raise DecodeError(f"invalid event: {problem}", index=index, field=field) from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"malformed JSON: {exc}") from None
     except RecursionError:  # msgspec refuses nesting deeper than the interpreter's limit
         raise DecodeError("malformed JSON: nested too deeply") from None
+
+
+def _locate(message: str, batch: bool) -> tuple[int | None, str, str]:
+    """(index of the event in a batch, JSON path of the offending value inside
+    that event, the problem in words) from a msgspec ValidationError message.
+    msgspec leaves the path out at the top level ("Object missing required
+    field `id`"), and names a missing or unknown field in words rather than in
+    the path: both become part of the path, so every answer names a field."""
+    m = _AT.match(message)
+    problem, index_part, index, rest = (m.group(1), m.group(2), m.group(3), m.group(4)) if m \
+        else (message, None, None, "")
+    named = _NAMED.match(problem)
+    if named:
+        rest += "." + named.group(1)
+    if batch:
+        return (int(index) if index is not None else None), "$" + rest, problem
+    return 0, "$" + (index_part or "") + rest, problem
 
 
 def to_inbound(platform: PlatformName, event: CloudEventBase, now: float) -> Inbound:

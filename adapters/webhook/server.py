@@ -1,9 +1,15 @@
 """Inbound: ``POST /v1/platforms/{name}/events`` for one webhook site.
 
 The order of checks is the order of the status codes a site can get: 415
-content type, 413 size (before reading past the limit), 401 signature, 400
-schema, then 202 once the events are durably stored (or 429/503 under load).
-Nothing is stored unless every check passed.
+content type; 401 when the signature headers are missing, malformed or their
+timestamp is out of the window, answered from the headers alone, before any
+of the body is read; then the body, through the gateway's shared reader: 413
+over ``max_body`` (before reading past it), 408 when it does not arrive
+within ``[gateway] body_timeout``, 503 with ``Retry-After`` when too many
+bodies are being received at once; 401 when the signature does not match
+the body; 400 schema; then 202 once the events are durably stored (or
+429/503 under load). Nothing is stored unless every check passed. Every
+error answer is an RFC 9457 problem document (``gateway.problem``).
 """
 
 from __future__ import annotations
@@ -15,46 +21,43 @@ from aiohttp import web
 
 from adapters.webhook import decode
 from adapters.webhook.config import WebhookConfig
-from adapters.webhook.signing import SignatureError, verify
+from adapters.webhook.signing import SignatureError, check_headers, verify
 from gateway.adapter import AdapterContext, Overloaded
 from gateway.errors import DecodeError
+from gateway.intake import BodyError
+from gateway.problem import problem
 
-
-async def _read_limited(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise DecodeError(f"body is larger than {limit} bytes", status=413)
-    chunks = []
-    size = 0
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise DecodeError(f"body is larger than {limit} bytes", status=413)
-        chunks.append(chunk)
-    return b"".join(chunks)
+_KIND = {401: "bad-signature", 408: "body-timeout", 413: "body-too-large", 415: "unsupported-media-type",
+         503: "busy"}
 
 
 async def handle(ctx: AdapterContext, config: WebhookConfig, request: web.Request) -> web.Response:
     platform = ctx.name
     try:
         decode.check_content_type(request.content_type)
-        body = await _read_limited(request, config.max_body)
-        now = time.time()
+        h = request.headers
+        signed = (h.get("webhook-id"), h.get("webhook-timestamp"), h.get("webhook-signature"))
         try:
-            verify(config.key, request.headers.get("webhook-id"), request.headers.get("webhook-timestamp"),
-                   request.headers.get("webhook-signature"), body, now, config.tolerance)
+            check_headers(*signed, time.time(), config.tolerance)
+            body = await ctx.read_body(request, config.max_body)
+            now = time.time()
+            verify(config.key, *signed, body, now, config.tolerance)
         except SignatureError as exc:
             raise DecodeError(str(exc), status=401) from None
+        except BodyError as exc:
+            raise DecodeError(str(exc), status=exc.status, headers=exc.headers) from None
         events = decode.decode_body(request.content_type, body)
     except DecodeError as exc:
         ctx.metrics.decode_errors.labels(platform, str(exc.status)).inc()
-        return web.json_response(exc.as_json(), status=exc.status, headers=exc.headers)
+        kind = _KIND.get(exc.status) or ("malformed-json" if str(exc).startswith("malformed JSON")
+                                         else "invalid-event")
+        return problem(exc.status, str(exc), kind, headers=exc.headers, index=exc.index, field=exc.field)
     inbound = [decode.to_inbound(platform, e, now) for e in events]
     try:
         result = await ctx.ingest(inbound)
     except Overloaded as exc:
         ctx.metrics.overloaded.labels(platform, str(exc.status)).inc()
-        return web.json_response({"error": str(exc)}, status=exc.status,
-                                 headers={"Retry-After": str(exc.retry_after)})
+        return problem(exc.status, str(exc), "busy", headers={"Retry-After": str(exc.retry_after)})
     answer: dict[str, object] = {"accepted": result.accepted, "duplicates": result.duplicates}
     # Stored but not relayed, and why (e.g. "unlinked": no link names the group): a site sees its mistake.
     not_relayed = [{"index": i, "id": ev.event_id, "reason": why}

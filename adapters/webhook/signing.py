@@ -38,10 +38,12 @@ def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(mac).decode()
 
 
-def verify(key: bytes, msg_id: str | None, timestamp: str | None, signature: str | None,
-           body: bytes, now: float, tolerance: int = TOLERANCE_SECONDS) -> None:
-    """Raise SignatureError unless the headers prove ``body`` was signed with ``key``
-    within ``tolerance`` seconds of ``now``."""
+def check_headers(msg_id: str | None, timestamp: str | None, signature: str | None, now: float,
+                  tolerance: int = TOLERANCE_SECONDS) -> int:
+    """What can be checked before the body is read: the three headers present,
+    the timestamp within ``tolerance`` seconds of ``now``, and at least one
+    signature of the ``v1,<base64 of 32 bytes>`` shape. Returns the timestamp;
+    raises SignatureError."""
     if not msg_id or not timestamp or not signature:
         raise SignatureError("missing webhook-id, webhook-timestamp or webhook-signature header")
     try:
@@ -50,6 +52,26 @@ def verify(key: bytes, msg_id: str | None, timestamp: str | None, signature: str
         raise SignatureError("webhook-timestamp is not an integer") from None
     if abs(now - ts) > tolerance:
         raise SignatureError(f"webhook-timestamp is more than {tolerance} seconds off")
+    if not any(_is_v1(candidate) for candidate in signature.split()):
+        raise SignatureError("webhook-signature has no v1 signature (v1,<base64 HMAC-SHA256>)")
+    return ts
+
+
+def _is_v1(candidate: str) -> bool:
+    if not candidate.startswith("v1,"):
+        return False
+    try:
+        return len(base64.b64decode(candidate[3:], validate=True)) == hashlib.sha256().digest_size
+    except ValueError:  # binascii.Error is a ValueError
+        return False
+
+
+def verify(key: bytes, msg_id: str | None, timestamp: str | None, signature: str | None,
+           body: bytes, now: float, tolerance: int = TOLERANCE_SECONDS) -> None:
+    """Raise SignatureError unless the headers prove ``body`` was signed with ``key``
+    within ``tolerance`` seconds of ``now``."""
+    ts = check_headers(msg_id, timestamp, signature, now, tolerance)
+    assert msg_id is not None and signature is not None
     expected = sign(key, msg_id, ts, body).encode()
     for candidate in signature.split():
         if hmac.compare_digest(candidate.encode(), expected):
