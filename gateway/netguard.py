@@ -8,7 +8,9 @@ actor, an inbox. ``GuardedSession`` fetches or posts to such URLs:
 * every address a host name resolves to is checked (``address_allowed``) by
   the connector's resolver, so the address checked is the address connected
   to (no DNS rebinding between check and use); a literal IP address is
-  checked before connecting;
+  checked before connecting, and so is a host written as a number in another
+  form (``127.1``, ``2130706433``, ``0177.0.0.1``, ``0x7f.1``: what a
+  resolver would make of it), which is refused either way;
 * redirects are followed by hand, each hop checked again (and signed again,
   when the caller signs requests), at most ``max_redirects``;
 * the body is read up to ``max_bytes`` while it streams, not trusted from
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -78,6 +81,24 @@ def address_allowed(address: str, *, allow_private: bool) -> bool:
     return not ip.is_reserved
 
 
+_NUMBER = re.compile(r"^(0[xX][0-9a-fA-F]*|[0-9]+)$")
+
+
+def _numeric_ipv4(host: str) -> str | None:
+    """The IPv4 address a host written as a number stands for (``127.1``,
+    ``2130706433``, ``0177.0.0.1``, ``0x7f.1``), as a resolver reads it; None for
+    a host name. A host whose last label is a number is never a DNS name (the
+    WHATWG URL standard parses it as an IPv4 address), so one that is no
+    address either comes back as ``"invalid"``, which no check allows."""
+    last = host.rstrip(".").rsplit(".", 1)[-1]
+    if not _NUMBER.match(last):
+        return None
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host.rstrip(".")))
+    except (OSError, ValueError):
+        return "invalid"
+
+
 class _CheckingResolver(AbstractResolver):
     def __init__(self, allow_private: bool) -> None:
         self._inner = DefaultResolver()
@@ -121,16 +142,28 @@ class GuardedSession:
             self._session = None
 
     def check_url(self, url: str) -> None:
-        """``FetchError`` unless ``url`` is http(s) and, for a literal IP, an allowed address."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        """``FetchError`` (never transient) unless ``url`` is a valid http(s)
+        URL and, for a literal IP, an allowed address."""
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+            parts.port  # noqa: B018 -- raises ValueError for a port out of range
+        except ValueError as exc:
+            raise FetchError(f"{url!r}: not a valid URL ({exc})", transient=False) from None
+        if parts.scheme not in ("http", "https") or not host:
             raise FetchError(f"{url!r}: only http(s) URLs", transient=False)
         try:
-            ipaddress.ip_address(parts.hostname)
+            ipaddress.ip_address(host)
         except ValueError:
-            return  # a host name: the resolver checks its addresses
-        if not address_allowed(parts.hostname, allow_private=self.allow_private):
-            raise FetchError(f"{url}: the gateway may not connect to {parts.hostname}", transient=False)
+            numeric = _numeric_ipv4(host)
+            if numeric is None:
+                return  # a host name: the resolver checks its addresses
+            if not address_allowed(numeric, allow_private=self.allow_private):
+                raise FetchError(f"{url}: the gateway may not connect to {host} ({numeric})", transient=False) from None
+            raise FetchError(f"{url}: {host} is not a canonical IPv4 address (write {numeric})",
+                             transient=False) from None
+        if not address_allowed(host, allow_private=self.allow_private):
+            raise FetchError(f"{url}: the gateway may not connect to {host}", transient=False)
 
     async def request(self, method: str, url: str, *, max_bytes: int, body: bytes | None = None,
                       headers: Mapping[str, str] | None = None, sign: Signer | None = None,
@@ -158,6 +191,9 @@ class GuardedSession:
                         raise FetchError(f"{url}: more than {max_bytes} bytes", transient=False, status=413)
                     return Fetched(status=resp.status, url=url, content_type=resp.content_type or "",
                                    headers={k.lower(): v for k, v in resp.headers.items()}, body=data)
+            except ValueError as exc:  # aiohttp.InvalidURL, a host name IDNA cannot encode: the same next time
+                raise FetchError(f"{method} {url}: not a valid URL: {type(exc).__name__}: {exc}",
+                                 transient=False) from None
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 refused = isinstance(exc, AddressRefused) or isinstance(getattr(exc, "os_error", None), AddressRefused)
                 raise FetchError(f"{method} {url}: {type(exc).__name__}: {exc}", transient=not refused) from None
