@@ -177,3 +177,103 @@ async def test_the_hooks_see_only_events_of_a_sane_shape(endpoint: Any) -> None:
     assert [e["event_id"] for e in seen] == ["$c4", "$c5", "$ok"]
     assert [e.event_id for e in recorder.events] == ["$ok"]
 
+
+
+# -- the whole path: real Synapse, real gateway, a webhook site --------------------------------------------
+def metric(net: Any, line: str) -> bool:
+    return line in net.gw.metrics.render().decode()
+
+
+async def put_to_gateway(hub: Hub, txn: str, events: list[Any]) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s:
+        async with s.put(f"http://127.0.0.1:{hub.port}{TXN}{txn}", data=msgspec.json.encode({"events": events}),
+                         headers={"Authorization": f"Bearer {hub.config.hs_token}"}) as r:
+            return r.status, await r.json(content_type=None)
+
+
+def site_texts(net: Any) -> list[str]:
+    return [e["data"]["text"] for e in net.site_events("civic.message.created")]
+
+
+async def test_a_transaction_with_bad_events_among_good_ones_is_taken_and_the_good_ones_reach_the_site(
+        hub: Hub, tmp_path: Path) -> None:
+    async with linked(hub, tmp_path) as net:
+        room = net.room
+        eve = {"sender": "@eve:civic.test", "room_id": room, "origin_server_ts": 1_700_000_000_000}
+        events = [
+            good("$good-1", "before the bad ones", room),
+            *hostile(room).values(),
+            {**eve, "type": "m.room.member", "event_id": "$eve-join", "state_key": "@eve:civic.test",
+             "content": {"membership": "join", "displayname": "Eve\x1b[31m\r\nAdmin\x85"}},
+            {**eve, "type": "m.room.message", "event_id": "$eve-says",
+             "content": {"msgtype": "m.text", "body": "one\r\ntwo\x00\x1b[2J"}},
+            good("$good-2", "after the bad ones", room),
+        ]
+        status, body = await put_to_gateway(hub, "hostile-" + secrets.token_hex(4), events)
+        assert (status, body) == (200, {})
+        await until(lambda: len(site_texts(net)) == 3, what="the three good messages at the site")
+        assert site_texts(net) == ["before the bad ones", "one\ntwo[2J", "after the bad ones"]
+        said = net.site_events("civic.message.created")[1]["data"]
+        assert said["author"]["name"] == "Eve[31m Admin"
+        for reason, n in EXPECTED_REASONS.items():
+            assert metric(net, f'civic_matrix_events_refused_total{{platform="hub",reason="{reason}"}} {n}.0'), reason
+
+        # and Synapse's own transactions go on as before
+        await net.send(hub.alice, {"msgtype": "m.text", "body": "from the real room"})
+        await until(lambda: site_texts(net)[-1:] == ["from the real room"], what="a later message from Synapse")
+        assert [t for t in site_texts(net) if t in ("x",)] == []
+
+
+async def test_an_event_timed_2_64_blocks_no_later_message(hub: Hub, tmp_path: Path) -> None:
+    async with linked(hub, tmp_path) as net:
+        doomed = good("$doomed", "timed 2**64", net.room, origin_server_ts=2**64)
+        status, _ = await put_to_gateway(hub, "ts-" + secrets.token_hex(4), [doomed])
+        assert status == 200  # refused, not answered with an error the homeserver would resend for ever
+        for text in ("one", "two", "three"):
+            await net.send(hub.alice, {"msgtype": "m.text", "body": text})
+        await until(lambda: len(site_texts(net)) == 3, what="the later messages at the site")
+        assert site_texts(net) == ["one", "two", "three"]
+        assert metric(net, 'civic_matrix_events_refused_total{platform="hub",reason="bad_number"} 1.0')
+        assert net.gw.metrics.retries.labels("site")._value.get() == 0
+
+
+async def test_a_refused_attachment_url_leaves_the_message_at_once_without_it(hub: Hub, tmp_path: Path) -> None:
+    """``127.1``, ``2130706433`` and ``0177.0.0.1`` are 127.0.0.1 (where a file
+    server listens); the guard refuses each, so the message goes without them,
+    naming them, and is not retried."""
+    served: list[str] = []
+
+    async def pic(request: web.Request) -> web.Response:
+        served.append(request.path)
+        return web.Response(body=b"\x89PNG\r\n\x1a\n", content_type="image/png")
+
+    files = web.Application()
+    files.router.add_get("/{name}", pic)
+    runner = web.AppRunner(files, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with linked(hub, tmp_path) as net:
+            s = net.sender
+            atts = [{"url": f"http://{host}:{port}/{name}", "media_type": "image/png", "name": name}
+                    for host, name in (("127.1", "short.png"), ("2130706433", "decimal.png"),
+                                       ("0177.0.0.1", "octal.png"))]
+            status, body = await s.send([s.event("civic.message.created", "g-site",
+                                                 site_msg("p-1", "three pictures", attachments=atts))])
+            assert status == 202, body
+
+            async def ghost_texts() -> list[dict[str, Any]]:
+                return [e for e in by_type(await net.events(hub.alice), "m.room.message")
+                        if e["sender"].startswith("@civic_")]
+            [got] = await until(ghost_texts, what="the message in the room")
+            assert got["content"]["body"] == ("three pictures\n\n[attachment not copied: short.png]\n"
+                                              "[attachment not copied: decimal.png]\n"
+                                              "[attachment not copied: octal.png]")
+            assert str(port) not in str(got["content"])  # the refused URLs are not shown to the room
+            assert served == []
+            assert metric(net, 'civic_degraded_total{reason="matrix_media_refused"} 3.0')
+            assert net.gw.metrics.retries.labels("hub")._value.get() == 0
+            assert net.gw.metrics.dead_lettered.labels("hub")._value.get() == 0
+    finally:
+        await runner.cleanup()
