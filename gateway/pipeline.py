@@ -1,7 +1,7 @@
 """The pipeline: what happens to one inbound event, as one template.
 
-``prepare`` (pure, on the event loop): clean every text field (rich text
-sanitised, control characters dropped) and bound the event's time. ``apply`` (inside a store transaction, so all of it commits or
+``prepare`` (pure, on the event loop): clean every text field and bound the
+event's time. ``apply`` (inside a store transaction, so all of it commits or
 none): deduplicate by the platform's event id, guard against loops, drop what
 people named by the adapters' ban rules do (``gateway.policy``), translate
 native ids to canonical ones, apply moderation enforcement, route over links,

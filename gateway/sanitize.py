@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import types
 import typing
+from collections.abc import Callable
 from html.parser import HTMLParser
 from typing import Any
 
@@ -108,51 +109,67 @@ def html_to_text(html: str) -> str:
 
 # -- every text field of a payload ----------------------------------------------------------------
 
-_LINE, _TEXT, _HTML, _URL, _STRUCT, _STRUCTS = range(6)
+def _line_or_none(value: str) -> str | None:
+    """A one-line optional field: a name of nothing but control characters is no name."""
+    new = clean_line(value)
+    return None if not new and value else new
 
 
-def _kind(hint: Any) -> int | None:
+def _url(value: str) -> str:
+    """As browsers read URLs: tabs and line breaks dropped too."""
+    return value if value.isprintable() else value.translate(_URL_CONTROL)
+
+
+def _html(value: str) -> str:
+    return clean_text(clean_html(value))
+
+
+def _each(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    new = tuple(clean_payload(v) for v in values)
+    return values if all(a is b for a, b in zip(new, values)) else new
+
+
+Cleaner = Callable[[Any], Any]
+
+
+def _how(hint: Any, optional: bool = False) -> Cleaner | None:
     """How a field of this type is cleaned (None: not at all)."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
         inner = [a for a in args if a is not type(None)]
-        return _kind(inner[0]) if len(inner) == 1 else None
+        return _how(inner[0], optional=True) if len(inner) == 1 else None
     if hint == Text:
-        return _TEXT
+        return clean_text
     if hint == Html:
-        return _HTML
+        return _html
     if hint == Id:
         return None
     if hint == Url:
-        return _URL
+        return _url
     if typing.get_origin(hint) is typing.Annotated:
         hint = args[0]
         args = typing.get_args(hint)
     if hint is str:
-        return _LINE
+        return _line_or_none if optional else clean_line
     if isinstance(hint, type) and issubclass(hint, msgspec.Struct):
-        return _STRUCT
+        return clean_payload
     if typing.get_origin(hint) is tuple and args and isinstance(args[0], type) and issubclass(args[0], msgspec.Struct):
-        return _STRUCTS
+        return _each
     return None
 
 
-_PLANS: dict[type, tuple[tuple[str, int], ...]] = {}
+_PLANS: dict[type, tuple[tuple[str, Cleaner], ...]] = {}
 
 
-def _plan(cls: type) -> tuple[tuple[str, int], ...]:
+def _plan(cls: type) -> tuple[tuple[str, Cleaner], ...]:
     """The fields of a schema struct to clean, and how (worked out once per type)."""
     plan = _PLANS.get(cls)
     if plan is None:
         hints = typing.get_type_hints(cls, include_extras=True)
-        plan = tuple((name, kind) for name in cls.__struct_fields__  # type: ignore[attr-defined]
-                     if (kind := _kind(hints[name])) is not None)
+        plan = tuple((name, how) for name in cls.__struct_fields__  # type: ignore[attr-defined]
+                     if (how := _how(hints[name])) is not None)
         _PLANS[cls] = plan
     return plan
-
-
-for _cls in set(EVENT_TYPES.values()):
-    _plan(_cls)
 
 
 def clean_payload(payload: Any) -> Any:
@@ -160,34 +177,15 @@ def clean_payload(payload: Any) -> Any:
     module docstring says; the very same object when nothing needed cleaning
     (the common case costs one ``isprintable`` per field)."""
     changes: dict[str, Any] = {}
-    for name, kind in _plan(type(payload)):
+    for name, how in _plan(type(payload)):
         value = getattr(payload, name)
-        if value is None:
+        if not value:
             continue
-        if kind == _LINE:
-            new = clean_line(value)
-            if new != value and not new and value:
-                new = None if _optional(payload, name) else new
-        elif kind == _TEXT:
-            new = clean_text(value)
-        elif kind == _HTML:
-            new = clean_text(clean_html(value))
-        elif kind == _URL:  # as browsers read URLs: tabs and line breaks dropped too
-            new = value if value.isprintable() else value.translate(_URL_CONTROL)
-        elif kind == _STRUCT:
-            new = clean_payload(value)
-        else:
-            new = tuple(clean_payload(v) for v in value)
-            if all(a is b for a, b in zip(new, value)):
-                new = value
+        new = how(value)
         if new is not value and new != value:
             changes[name] = new
     return msgspec.structs.replace(payload, **changes) if changes else payload
 
 
-def _optional(payload: Any, name: str) -> bool:
-    """Whether the field may be None (a name that was all control characters becomes none)."""
-    fields = type(payload).__struct_fields__
-    defaults = type(payload).__struct_defaults__
-    i = fields.index(name) - (len(fields) - len(defaults))
-    return i >= 0 and defaults[i] is None
+for _cls in set(EVENT_TYPES.values()):
+    _plan(_cls)
