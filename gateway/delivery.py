@@ -8,7 +8,11 @@ success it moves on at once and records the completion in the background (a
 crash in between redelivers a few events with the same ids, which targets
 drop); after a transient failure it waits (exponential backoff with jitter,
 ``Retry-After`` honoured) and sends the same batch again; a permanent failure
-isolates the bad event and dead-letters it, and the queue goes on.
+isolates the bad event and dead-letters it, and the queue goes on. An event
+that cannot be encoded for the target (``UNENCODABLE``: an encoder's
+``ValueError``, ``OverflowError`` ...) is a permanent failure too: retrying it
+would block its queue for good. Any other unexpected error is retried like a
+transient one, and given up after ``retry_max_age`` like one.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
 from msgspec.structs import replace
 
 from gateway.adapter import Adapter, Delivery
-from gateway.errors import PermanentDeliveryError, TransientDeliveryError
+from gateway.errors import PermanentDeliveryError, TransientDeliveryError, UnencodableEvent
 from gateway.ids import MESSAGE, GroupRef, NativeId, PlatformName
 from gateway.metrics import Metrics
 from gateway.store.base import Mapping, OutboxItem, Store, StoreUnavailable
@@ -40,6 +45,10 @@ RETRY_WARN_AFTER = 5
 """Failed attempts of one batch logged at INFO; from this many on, at WARNING."""
 COPY_CACHE_MAX = 200_000
 _REF_FIELDS = ("id", "reply_to", "thread", "message")
+UNENCODABLE = (ValueError, OverflowError, TypeError, msgspec.MsgspecError)
+"""What an encoder raises for an event it cannot write (a time out of range, a
+stored payload that no longer decodes): the same every time, so not retried.
+(ValueError covers UnicodeError and msgspec's DecodeError.)"""
 
 
 class _Queue:
@@ -252,19 +261,24 @@ class DeliveryEngine:
                                "event_id": batch[0].event_id, "attempts": attempts, "error": str(exc)})
                     await self._sleep(delay)
                     continue
-                except PermanentDeliveryError as exc:
+                except (PermanentDeliveryError, *UNENCODABLE) as exc:
                     if n > 1:
-                        isolate = n
+                        isolate = n  # find the bad event: one by one
                         continue
-                    await self._dead(q, batch[0], str(exc), attempts + 1)
+                    await self._dead(q, batch[0], _permanent_reason(exc, q.target), attempts + 1)
                     attempts = retry_n = 0
                     isolate = max(0, isolate - 1)
                     continue
-                except Exception:  # an adapter bug must not stop the queue for good
+                except Exception as exc:  # an adapter bug must not stop the queue for good
                     attempts += 1
                     retry_n = n
                     log.exception("adapter %s failed delivering to %s", q.target.platform, q.target)
                     self.metrics.retries.labels(q.target.platform).inc()
+                    if self.clock() - batch[0].created > self.retry_max_age:
+                        await self._dead(q, batch[0], f"gave up after {attempts} attempts: "
+                                                      f"{type(exc).__name__}: {exc}", attempts)
+                        attempts = retry_n = 0
+                        continue
                     await self._sleep(self._backoff(attempts, None))
                     continue
                 attempts = retry_n = 0
@@ -358,3 +372,12 @@ class DeliveryEngine:
             out.append(Delivery(item.event_id, item.target.group, item.type, payload,
                                 item.occurred if item.occurred is not None else item.created, item.origin))
         return out
+
+
+def _permanent_reason(exc: Exception, target: GroupRef) -> str:
+    """The dead letter's error: what the adapter said, or for an encoder's own
+    exception, that the event cannot be written for the target and why."""
+    if isinstance(exc, PermanentDeliveryError) and not isinstance(exc, UnencodableEvent):
+        return str(exc)
+    what = str(exc) if isinstance(exc, UnencodableEvent) else f"{type(exc).__name__}: {exc}"
+    return f"cannot be encoded for {target}: {what}"

@@ -49,3 +49,11 @@ class TransientDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """Retrying cannot help (4xx other than 408/429): the event goes to the dead letters."""
+
+
+class UnencodableEvent(PermanentDeliveryError):
+    """The event cannot be written in the target's format (a number or a time
+    out of range, text the format cannot hold): the same event fails the same
+    way every time, so it goes to the dead letters at once. The delivery
+    worker also files under this the plain ``ValueError``, ``OverflowError``,
+    ``TypeError`` and msgspec errors an adapter's encoder lets escape."""

@@ -12,7 +12,9 @@ actor, an inbox. ``GuardedSession`` fetches or posts to such URLs:
 * every address a host name resolves to is checked (``address_allowed``) by
   the connector's resolver, so the address checked is the address connected
   to (no DNS rebinding between check and use); a literal IP address is
-  checked before connecting;
+  checked before connecting, and so is a host written as a number in another
+  form (``127.1``, ``2130706433``, ``0177.0.0.1``, ``0x7f.1``: what a
+  resolver would make of it), which is refused either way;
 * redirects are followed by hand, each hop checked again (and signed again,
   when the caller signs requests), at most ``max_redirects``;
 * the body is read up to ``max_bytes`` while it streams, not trusted from
@@ -166,6 +168,24 @@ def address_allowed(address: str, *, allow_private: bool) -> bool:
     return not ip.is_reserved
 
 
+_NUMBER = re.compile(r"^(0[xX][0-9a-fA-F]*|[0-9]+)$")
+
+
+def _numeric_ipv4(host: str) -> str | None:
+    """The IPv4 address a host written as a number stands for (``127.1``,
+    ``2130706433``, ``0177.0.0.1``, ``0x7f.1``), as a resolver reads it; None for
+    a host name. A host whose last label is a number is never a DNS name (the
+    WHATWG URL standard parses it as an IPv4 address), so one that is no
+    address either comes back as ``"invalid"``, which no check allows."""
+    last = host.rstrip(".").rsplit(".", 1)[-1]
+    if not _NUMBER.match(last):
+        return None
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host.rstrip(".")))
+    except (OSError, ValueError):
+        return "invalid"
+
+
 class _CheckingResolver(AbstractResolver):
     def __init__(self, allow_private: bool) -> None:
         self._inner = DefaultResolver()
@@ -209,11 +229,19 @@ class GuardedSession:
             self._session = None
 
     def check_url(self, url: str) -> None:
-        """``BadURL`` unless ``url`` is a well-formed http(s) URL (``parse_url``)
-        and, for a literal IP, an allowed address."""
+        """``BadURL`` unless ``url`` is a well-formed http(s) URL (``parse_url``);
+        ``FetchError`` (never transient) unless a literal IP, in any of the
+        forms a resolver reads as one, is an allowed address."""
         parts = parse_url(url)
         if parts.hostname and "[" not in parts.netloc and not _is_ip(parts.hostname):
-            return  # a host name: the resolver checks its addresses
+            numeric = _numeric_ipv4(parts.hostname)
+            if numeric is None:
+                return  # a host name: the resolver checks its addresses
+            if not address_allowed(numeric, allow_private=self.allow_private):
+                raise FetchError(f"{url}: the gateway may not connect to {parts.hostname} ({numeric})",
+                                 transient=False)
+            raise FetchError(f"{url}: {parts.hostname} is not a canonical IPv4 address (write {numeric})",
+                             transient=False)
         hostname = (parts.hostname or "").split("%", 1)[0]
         if not address_allowed(hostname, allow_private=self.allow_private):
             raise FetchError(f"{url}: the gateway may not connect to {hostname}", transient=False)

@@ -1,7 +1,7 @@
 """The pipeline: what happens to one inbound event, as one template.
 
-``prepare`` (pure, on the event loop): sanitise rich text and control
-characters. ``apply`` (inside a store transaction, so all of it commits or
+``prepare`` (pure, on the event loop): clean every text field and bound the
+event's time. ``apply`` (inside a store transaction, so all of it commits or
 none): deduplicate by the platform's event id, guard against loops, drop what
 people named by the adapters' ban rules do (``gateway.policy``), translate
 native ids to canonical ones, apply moderation enforcement, route over links,
@@ -27,8 +27,9 @@ from gateway.ids import ACTOR, MESSAGE, CanonicalId, EventId, GroupRef, LinkName
 from gateway.people import People
 from gateway.policy import BanRules
 from gateway.router import Route, Router
-from gateway.sanitize import clean_html, clean_text
+from gateway.sanitize import clean_payload
 from gateway.store.base import ModerationEntry, OutboxItem, Tx, encode_payload
+from schemas.cloudevents import EARLIEST_TIME, LATEST_TIME
 from schemas.v1 import (
     EVENT_TYPES,
     AccountMove,
@@ -105,20 +106,17 @@ class Pipeline:
         self.people.clear()
 
     # -- before the store ------------------------------------------------------------
-    @staticmethod
-    def prepare(ev: Inbound) -> Inbound:
-        """Sanitise what could carry markup or control characters into other platforms."""
-        p = ev.payload
-        if isinstance(p, Message):
-            changes: dict[str, Any] = {}
-            text = clean_text(p.text)
-            if text is not p.text:
-                changes["text"] = text
-            if p.html is not None:
-                changes["html"] = clean_html(p.html)
-            if changes:
-                return replace(ev, payload=replace(p, **changes))
-        return ev
+    def prepare(self, ev: Inbound) -> Inbound:
+        """Clean every text field (``gateway.sanitize.clean_payload``: rich
+        text sanitised, control characters dropped, one-line fields kept on one
+        line), whatever platform the event came from, and bound its time: a
+        time outside ``EARLIEST_TIME`` .. ``LATEST_TIME`` (which no target could
+        write) becomes the time it was received."""
+        p = clean_payload(ev.payload)
+        t = ev.time if EARLIEST_TIME <= ev.time <= LATEST_TIME else self.clock()  # NaN fails both
+        if p is ev.payload and t == ev.time:
+            return ev
+        return replace(ev, payload=p, time=t)
 
     # -- inside the transaction --------------------------------------------------------
     def apply(self, tx: Tx, ev: Inbound) -> Outcome:

@@ -151,14 +151,24 @@ def problem_location(exc: msgspec.ValidationError, *, batch: bool) -> tuple[str,
     return message, None, "$" + head + rest
 
 
+EARLIEST_TIME = 0.0
+"""The earliest time of an event the gateway takes (Unix seconds: 1970-01-01)."""
+LATEST_TIME = 253402300799.0
+"""The latest (9999-12-31T23:59:59Z): the last second RFC 3339, and so every
+target, can write. An event claiming a time outside these bounds is taken
+with the time it was received (``Pipeline.prepare``)."""
+
+
 def parse_time(value: str | None, default: float) -> float:
-    """Unix seconds of an RFC 3339 ``time`` attribute; ``default`` when absent or unreadable."""
+    """Unix seconds of an RFC 3339 ``time`` attribute; ``default`` when absent,
+    unreadable or outside ``EARLIEST_TIME`` .. ``LATEST_TIME``."""
     if not value:
         return default
     try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
+        t = datetime.fromisoformat(value).timestamp()
+    except (ValueError, OverflowError):
         return default
+    return t if EARLIEST_TIME <= t <= LATEST_TIME else default
 
 
 def format_time(seconds: float) -> str:

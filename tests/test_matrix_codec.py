@@ -625,3 +625,121 @@ def test_to_inbound() -> None:
     del untimed["origin_server_ts"]
     r = dec(untimed)
     assert isinstance(r, D.Decoded) and r.to_inbound(PlatformName("hub"), now=5.0)[0].time == 5.0
+
+
+# -- hostile events: refused with a reason, never a crash --------------------------------------------
+
+def refused(event: Any) -> D.MatrixDecodeError:
+    with pytest.raises(D.MatrixDecodeError) as caught:
+        dec(event)
+    return caught.value
+
+
+TEXT = {"msgtype": "m.text", "body": "hallo"}
+
+
+@pytest.mark.parametrize("ts", [2**64, 2**63, 10**20, 1e308, 1.5, -1, True, "1700000000000", [1], {"ms": 1},
+                                D.TS_MAX + 1])
+def test_an_origin_server_ts_no_target_can_write_is_refused(ts: Any) -> None:
+    err = refused(ev("m.room.message", TEXT, origin_server_ts=ts))
+    assert (err.reason, err.field) == (D.BAD_NUMBER, "origin_server_ts")
+
+
+def test_the_latest_and_earliest_timestamps_are_taken() -> None:
+    from schemas.cloudevents import format_time
+
+    latest = dec(ev("m.room.message", TEXT, origin_server_ts=D.TS_MAX))
+    assert isinstance(latest, D.Decoded) and format_time(latest.time).startswith("9999-12-31T23:59:59")
+    zero = dec(ev("m.room.message", TEXT, origin_server_ts=0))
+    assert isinstance(zero, D.Decoded) and zero.time == 0.0  # to_inbound makes it the time received
+
+
+@pytest.mark.parametrize("change, field, reason", [
+    ({"content": ["not", "an", "object"]}, "content", D.MALFORMED),
+    ({"content": "text"}, "content", D.MALFORMED),
+    ({"unsigned": ["x"]}, "unsigned", D.MALFORMED),
+    ({"unsigned": 7}, "unsigned", D.MALFORMED),
+    ({"room_id": 12}, "room_id", D.MALFORMED),
+    ({"room_id": ["!a"]}, "room_id", D.MALFORMED),
+    ({"event_id": ["$a"]}, "event_id", D.MALFORMED),
+    ({"event_id": {"$a": 1}}, "event_id", D.MALFORMED),
+    ({"sender": None}, "sender", D.MALFORMED),
+    ({"type": ["m.room.message"]}, "type", D.MALFORMED),
+    ({"event_id": "$a\x00b"}, "event_id", D.BAD_ID),
+    ({"sender": "@a\x1b[2J:hub.example"}, "sender", D.BAD_ID),
+    ({"room_id": "!" + "r" * 300}, "room_id", D.BAD_ID),
+    ({"state_key": "@a\x00:hub.example"}, "state_key", D.BAD_ID),
+    ({"state_key": ["x"]}, "state_key", D.MALFORMED),
+])
+def test_a_malformed_envelope_is_refused_with_the_field_and_a_reason(change: dict, field: str, reason: str) -> None:
+    event = {**ev("m.room.message", TEXT), **change}
+    err = refused(event)
+    assert (err.field, err.reason) == (field, reason)
+    with pytest.raises(D.MatrixDecodeError):
+        D.check_envelope(event)
+
+
+@pytest.mark.parametrize("content, field, reason", [
+    ({"msgtype": ["m.text"], "body": "x"}, "content.msgtype", D.MALFORMED),
+    ({"msgtype": {"m": 1}, "body": "x"}, "content.msgtype", D.MALFORMED),
+    ({**TEXT, "m.relates_to": {"m.in_reply_to": {"event_id": "$x\x00"}}},
+     "content.m.relates_to.m.in_reply_to.event_id", D.BAD_ID),
+    ({**TEXT, "m.relates_to": {"rel_type": "m.thread", "event_id": "$root\n"}}, "content.m.relates_to.event_id",
+     D.BAD_ID),
+    ({**TEXT, "m.new_content": TEXT, "m.relates_to": {"rel_type": "m.replace", "event_id": "$\x07"}},
+     "content.m.relates_to.event_id", D.BAD_ID),
+    ({"msgtype": "m.text", "body": "x" * 70000}, "content.text", D.SCHEMA_LIMIT),
+])
+def test_malformed_message_content_is_refused(content: dict, field: str, reason: str) -> None:
+    err = refused(ev("m.room.message", content))
+    assert (err.field, err.reason) == (field, reason)
+
+
+def test_a_member_event_with_a_nul_in_its_state_key_and_a_redaction_of_one_are_refused() -> None:
+    assert refused(member("join", sender=ALICE, target="@a\x00:hub.example")).reason == D.BAD_ID
+    assert refused(ev("m.room.redaction", {"redacts": "$x\x00y"})).reason == D.BAD_ID
+
+
+def test_ids_with_control_characters_are_left_out_where_the_event_holds_many() -> None:
+    _, msg = one(ev("m.room.message", {**TEXT, "m.mentions": {"user_ids": [BOB, "@e\x00ve:hub.example"]}}))
+    assert msg.mentions == (Actor(BOB),)
+    r = dec(ev("m.room.power_levels", {"users": {BOB: 50, "@e\x00ve:hub.example": 100}}, sender=MOD,
+               state_key=""))
+    assert isinstance(r, D.Decoded) and [i.payload.member.id for i in r.items] == [BOB]
+
+
+def test_an_attachment_size_past_what_json_readers_read_exactly_is_dropped() -> None:
+    _, msg = one(ev("m.room.message", {"msgtype": "m.file", "body": "f.pdf", "url": "mxc://hub.example/abc",
+                                       "info": {"size": 2**64, "mimetype": "application/pdf"}}))
+    assert msg.attachments[0].size is None
+
+
+def test_a_policy_rule_of_an_unhashable_type_is_none() -> None:
+    assert D.decode_policy_rule({"type": ["m.policy.rule.user"], "state_key": "x", "content": {}}) is None
+
+
+_hostile_values = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+                            st.floats(), st.text(max_size=8), st.lists(st.text(max_size=3), max_size=2),
+                            st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["type", "sender", "room_id", "event_id", "content", "unsigned", "state_key",
+                        "origin_server_ts", "redacts"]),
+       st.sampled_from(["m.room.message", "m.reaction", "m.room.redaction", "m.room.member", "m.room.power_levels",
+                        "m.policy.rule.user"]),
+       _hostile_values,
+       st.sampled_from(["msgtype", "body", "m.relates_to", "membership", "users", "url", "info", "m.mentions"]),
+       _hostile_values)
+def test_any_hostile_field_gives_a_decode_error_or_a_result_never_a_crash(
+        key: str, etype: str, value: Any, content_key: str, content_value: Any) -> None:
+    content = {"msgtype": "m.text", "body": "x", "membership": "join", "m.relates_to": {
+        "rel_type": "m.annotation", "event_id": "$t", "key": "+"}, "redacts": "$t", content_key: content_value}
+    event = {**ev(etype, content), key: value}
+    if etype in ("m.room.member", "m.room.power_levels") and key != "state_key":
+        event.setdefault("state_key", ALICE if etype == "m.room.member" else "")
+    try:
+        dec(event)
+    except D.MatrixDecodeError as exc:
+        assert exc.reason in (D.MALFORMED, D.BAD_ID, D.BAD_NUMBER, D.SCHEMA_LIMIT)
+    D.decode_policy_rule(event) if isinstance(event.get("content"), dict) else None

@@ -183,3 +183,27 @@ def test_parse_url_takes_a_shorter_limit() -> None:
     assert parse_url("https://example.org/" + "a" * 100, max_length=200).hostname == "example.org"
     with pytest.raises(BadURL, match="longer than 50"):
         parse_url("https://example.org/" + "a" * 100, max_length=50)
+
+
+@pytest.mark.parametrize("allow_private", [False, True])
+async def test_loopback_written_as_another_number_is_refused_for_good_on_every_hop(server: str,
+                                                                                    allow_private: bool) -> None:
+    """``127.1``, ``2130706433``, ``0177.0.0.1``, ``0x7f.1`` are 127.0.0.1 to a
+    resolver: refused, and never as a transient error (which would be retried
+    for days); with private addresses allowed still refused, as no real server
+    is written so. Invalid URLs are permanent too."""
+    port = server.rsplit(":", 1)[1]
+    s = await session(allow_private)
+    try:
+        for host in ("127.1", "2130706433", "0177.0.0.1", "0x7f.1", "0x7f000001", "127.0.1"):
+            for url in (f"http://{host}:{port}/small", f"{server}/hop?to=http://{host}:{port}/small"):
+                with pytest.raises(FetchError) as err:
+                    await s.request("GET", url, max_bytes=1000)
+                assert (err.value.transient, err.value.status) == (False, 0), url
+                assert host in str(err.value)
+        for url in ("http://[::1/x", f"http://127.0.0.1:{port}0000/x", "http://a..b/x", "http:///x"):
+            with pytest.raises(FetchError) as err:
+                await s.request("GET", url, max_bytes=1000)
+            assert err.value.transient is False, url
+    finally:
+        await s.close()

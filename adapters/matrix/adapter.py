@@ -415,6 +415,9 @@ class _Collector:
                                       labels=["platform", "reason"])
         errors = CounterMetricFamily("civic_matrix_decode_errors", "Malformed Matrix events skipped.",
                                      labels=["platform"])
+        refused = CounterMetricFamily("civic_matrix_events_refused",
+                                      "Malformed Matrix events skipped (the rest of their transaction is taken), "
+                                      "by reason.", labels=["platform", "reason"])
         calls = CounterMetricFamily("civic_matrix_api_calls", "Calls to the homeserver.", labels=["platform"])
         failures = CounterMetricFamily("civic_matrix_api_failures", "Calls to the homeserver that failed.",
                                        labels=["platform"])
@@ -429,6 +432,8 @@ class _Collector:
             replays.add_metric(n, a.inbound.replays)
             gaps.add_metric(n, a.inbound.gaps)
             errors.add_metric(n, a.inbound.decode_errors)
+            for reason, count in sorted(a.inbound.refused.items()):
+                refused.add_metric([a.name, reason], count)
             for reason, count in sorted(a.inbound.ignored.items()):
                 ignored.add_metric([a.name, reason], count)
             calls.add_metric(n, a.client.calls)
@@ -437,4 +442,4 @@ class _Collector:
             if a.last_ping is not None:
                 ping.add_metric(n, a.last_ping)
             rules.add_metric(n, a.policy_rules)
-        yield from (txns, replays, gaps, ignored, errors, calls, failures, ghosts, ping, rules)
+        yield from (txns, replays, gaps, ignored, errors, refused, calls, failures, ghosts, ping, rules)

@@ -5,9 +5,12 @@ calls on the gateway, and the client call that asks it to ping us.
 homeserver appends ``/_matrix/app/v1/...`` to that URL):
 
 * ``PUT  /_matrix/app/v1/transactions/{txnId}``: the events the homeserver
-  pushes. Each is decoded with ``decode_event``; a malformed one is logged and
-  counted, not fatal for the others; ignored ones (echoes, state the gateway
-  does not carry) are skipped. The rest go to ``ingest`` in one call, and the
+  pushes. Each is screened (``check_envelope``) before anything else reads it,
+  then decoded with ``decode_event``; a malformed one (a non-object
+  ``content``, an id with a NUL, an ``origin_server_ts`` of 2**64 ...) is
+  logged and counted by reason (``refused``), never fatal for the others nor
+  for the transaction; ignored ones (echoes, state the gateway does not carry)
+  are skipped. The rest go to ``ingest`` in one call, and the
   answer is ``200 {}`` only once ``ingest`` returned, i.e. once they are stored
   durably. ``Overloaded`` is answered with its status (429/503) and
   ``Retry-After``: the homeserver keeps the transaction and sends the same one
@@ -58,7 +61,7 @@ import orjson
 from aiohttp import web
 
 from adapters.matrix.config import MatrixConfig
-from adapters.matrix.decode import Decoded, MatrixDecodeError, decode_event
+from adapters.matrix.decode import Decoded, MatrixDecodeError, check_envelope, decode_event
 from gateway.adapter import Inbound, Ingest, IngestResult, Overloaded
 from gateway.ids import PlatformName
 from gateway.intake import BodyError, BodyReader
@@ -116,6 +119,9 @@ class AppserviceInbound:
         """Transactions stored and answered 200 (replays not counted)."""
         self.replays = 0
         self.decode_errors = 0
+        """Events refused as malformed (all reasons)."""
+        self.refused: dict[str, int] = {}
+        """Events refused, by reason (``MatrixDecodeError.reason``; ``error`` for a decoder bug)."""
         self.ignored: dict[str, int] = {}
         self.overloaded = 0
         self.gaps = 0
@@ -140,7 +146,8 @@ class AppserviceInbound:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             return _error(401, "M_UNAUTHORIZED", "missing hs_token (Authorization: Bearer ...)")
-        if not hmac.compare_digest(token.encode(), self._hs_token):
+        # A header that is not UTF-8 arrives with surrogate escapes: compare its bytes as they came.
+        if not hmac.compare_digest(token.encode("utf-8", "surrogateescape"), self._hs_token):
             log.warning("%s: a request to %s with a wrong hs_token", self.platform, request.path)
             return _error(403, "M_FORBIDDEN", "wrong hs_token")
         return None
@@ -169,6 +176,7 @@ class AppserviceInbound:
         events = body.get("events") if isinstance(body, dict) else None
         if not isinstance(events, list):
             return _error(400, "M_BAD_JSON", "`events`: expected a list")
+        events = self.screen(events)  # what the hooks and the decoder may read safely
         contexts: Mapping[str, Mapping[str, Any]] = {}
         if self.hooks is not None:
             contexts = await self.hooks.context(events)
@@ -216,6 +224,26 @@ class AppserviceInbound:
         return _ok()
 
     # -- the work -------------------------------------------------------------------------------
+    def screen(self, events: Sequence[Any]) -> list[Any]:
+        """The events of a transaction that have the shape every event must
+        have (``check_envelope``); the others are logged and counted."""
+        out = []
+        for event in events:
+            try:
+                check_envelope(event)
+            except MatrixDecodeError as exc:
+                self._refuse_event(event, exc.reason, exc)
+                continue
+            out.append(event)
+        return out
+
+    def _refuse_event(self, event: Any, reason: str, why: object) -> None:
+        self.decode_errors += 1
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        event_id = event.get("event_id") if isinstance(event, Mapping) else None
+        log.warning("%s: skipped Matrix event %s: %s", self.platform,
+                    event_id if isinstance(event_id, str) else "(no event id)", why)
+
     def decode_events(self, events: Sequence[Any], *, now: float,
                       contexts: Mapping[str, Mapping[str, Any]] | None = None) -> list[Inbound]:
         """The ``Inbound`` records of one transaction's events; bad ones logged
@@ -224,14 +252,17 @@ class AppserviceInbound:
         out: list[Inbound] = []
         config = self.config
         for event in events:
-            extra = contexts.get(event.get("event_id"), {}) if contexts and isinstance(event, Mapping) else {}
+            event_id = event.get("event_id") if isinstance(event, Mapping) else None
+            extra = contexts.get(event_id, {}) if contexts and isinstance(event_id, str) else {}
             try:
                 result = decode_event(event, bot_user=self.bot_user, ghost_prefix=config.ghost_prefix,
                                       server_name=config.server_name, **extra)
             except MatrixDecodeError as exc:
-                self.decode_errors += 1
-                event_id = event.get("event_id") if isinstance(event, Mapping) else None
-                log.warning("%s: skipped Matrix event %s: %s", self.platform, event_id, exc)
+                self._refuse_event(event, exc.reason, exc)
+                continue
+            except Exception as exc:  # a decoder bug: this event is lost, not the transaction
+                log.exception("%s: decoding a Matrix event failed", self.platform)
+                self._refuse_event(event, "error", f"{type(exc).__name__}: {exc}")
                 continue
             if isinstance(result, Decoded):
                 out.extend(result.to_inbound(self.platform, now=now))

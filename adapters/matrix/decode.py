@@ -9,7 +9,16 @@ canonical ids.
 (with a short reason code) for what the gateway does not carry: echoes of its
 own ghosts and bot, state events it does not map, encrypted events, already
 redacted events. A malformed event raises ``MatrixDecodeError`` naming the
-field (``content.body``, ``redacts``, ...).
+field (``content.body``, ``redacts``, ...) and a reason code for metrics
+(``malformed``, ``bad_id``, ``bad_number``, ``schema_limit``).
+
+``check_envelope`` is the first step of ``decode_event``, also usable alone
+(the appservice screens a transaction with it before anything else reads its
+events): an object whose ``type``, ``sender``, ``event_id`` and ``room_id``
+are strings, ids without control characters (a NUL would reach the store),
+``content`` and ``unsigned`` objects, ``state_key`` a string like an id, and
+``origin_server_ts`` an integer of milliseconds that every target can write
+(1970 .. 9999: a timestamp of 2**64 would make the event unsendable).
 
 Things the pure codec cannot know and the adapter passes in:
 
@@ -40,6 +49,7 @@ from gateway.adapter import Inbound
 from gateway.errors import DecodeError
 from gateway.ids import EventId, GroupId, PlatformName
 from gateway import translate
+from schemas.cloudevents import LATEST_TIME
 from gateway.translate import Ignored, Item, schema_problem
 from schemas.v1 import (
     Actor,
@@ -70,12 +80,28 @@ POLICY_RULE = "policy_rule"        # read those with decode_policy_rule
 NO_CHANGE = "no_change"            # e.g. power levels that changed no role
 BOT_MEMBERSHIP = "bot_membership"  # the bot's own membership
 
+# MatrixDecodeError.reason codes (the events refused, by reason, are a metric)
+MALFORMED = "malformed"            # a field of the wrong type or shape
+BAD_ID = "bad_id"                  # an id (or state key) with control characters, empty or too long
+BAD_NUMBER = "bad_number"          # a number out of range (origin_server_ts)
+SCHEMA_LIMIT = "schema_limit"      # does not fit the common schema's limits
+
+ID_MAX = 255
+"""Longest id (in UTF-8 bytes): the spec's limit for user, room and event ids."""
+TS_MAX = int(LATEST_TIME) * 1000
+"""Latest ``origin_server_ts`` taken (milliseconds): the end of year 9999."""
+SIZE_MAX = 2**53 - 1
+"""Largest attachment size passed on (larger ones are dropped): what every JSON reader reads exactly."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
 
 class MatrixDecodeError(DecodeError):
-    """A Matrix event the gateway cannot read; ``field`` names where (``content.body``)."""
+    """A Matrix event the gateway cannot read; ``field`` names where
+    (``content.body``), ``reason`` is one of the reason codes above."""
 
-    def __init__(self, message: str, *, field: str) -> None:
+    def __init__(self, message: str, *, field: str, reason: str = MALFORMED) -> None:
         super().__init__(f"`{field}`: {message}", field=field)
+        self.reason = reason
 
 
 class Decoded(translate.Decoded, frozen=True, kw_only=True):
@@ -110,24 +136,47 @@ class PolicyRule(msgspec.Struct, frozen=True):
 
 # -- entry point --------------------------------------------------------------------------------
 
+def check_envelope(event: Any) -> None:
+    """Raise ``MatrixDecodeError`` unless ``event`` has the shape every event
+    must have (see the module docstring); what each type needs is checked later."""
+    if not isinstance(event, Mapping):
+        raise MatrixDecodeError("an event is a JSON object", field="$")
+    _str(event, "type")
+    for key in ("sender", "event_id", "room_id"):
+        _id(event, key)
+    for key in ("content", "unsigned"):
+        if not isinstance(event.get(key, {}), Mapping):
+            raise MatrixDecodeError("must be an object", field=key)
+    if "state_key" in event:
+        key = event["state_key"]
+        if not isinstance(key, str):
+            raise MatrixDecodeError("must be a string", field="state_key")
+        if key and not _id_ok(key):
+            raise MatrixDecodeError("must hold no control characters and at most 255 bytes", field="state_key",
+                                    reason=BAD_ID)
+    ts = event.get("origin_server_ts")
+    if ts is not None and (not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts <= TS_MAX):
+        raise MatrixDecodeError(f"must be an integer of milliseconds from 0 to {TS_MAX}",
+                                field="origin_server_ts", reason=BAD_NUMBER)
+
+
 def decode_event(event: Mapping[str, Any], *, bot_user: str, ghost_prefix: str, server_name: str,
                  redacted: Mapping[str, Any] | None = None,
                  prev_power_levels: Mapping[str, Any] | None = None) -> Decoded | Ignored:
     """The schema meaning of one Matrix event (see the module docstring)."""
-    if not isinstance(event, Mapping):
-        raise MatrixDecodeError("an event is a JSON object", field="$")
-    etype = _str(event, "type")
-    sender = _str(event, "sender")
+    check_envelope(event)
+    etype = event["type"]
+    sender = event["sender"]
     if sender == bot_user or is_ghost(sender, ghost_prefix=ghost_prefix, server_name=server_name):
         return Ignored(ECHO)
     content = event.get("content")
     if not isinstance(content, Mapping):
         raise MatrixDecodeError("must be an object", field="content")
-    room = _str(event, "room_id")
-    event_id = _str(event, "event_id")
+    room = event["room_id"]
+    event_id = event["event_id"]
     ts = event.get("origin_server_ts")
-    time = ts / 1000.0 if isinstance(ts, (int, float)) and not isinstance(ts, bool) else 0.0
-    unsigned = event.get("unsigned") if isinstance(event.get("unsigned"), Mapping) else {}
+    time = ts / 1000.0 if ts else 0.0
+    unsigned = event.get("unsigned", {})
     state = "state_key" in event
 
     items: list[Item]
@@ -139,7 +188,7 @@ def decode_event(event: Mapping[str, Any], *, bot_user: str, ghost_prefix: str, 
         rel = content.get("m.relates_to")
         if not isinstance(rel, Mapping) or rel.get("rel_type") != "m.annotation":
             return Ignored(REDACTED if not content else UNSUPPORTED)
-        target = _str(rel, "event_id", "content.m.relates_to.event_id")
+        target = _id(rel, "event_id", "content.m.relates_to.event_id")
         key = _str(rel, "key", "content.m.relates_to.key")
         items = [Item("civic.reaction.added", Reaction(message=target, author=Actor(sender), key=key), event_id)]
     elif etype == "m.room.redaction" and not state:
@@ -188,7 +237,7 @@ def _message(event_id: str, sender: str, content: Mapping[str, Any]) -> Item:
     rel = content.get("m.relates_to")
     rel = rel if isinstance(rel, Mapping) else {}
     if rel.get("rel_type") == "m.replace":
-        target = _str(rel, "event_id", "content.m.relates_to.event_id")
+        target = _id(rel, "event_id", "content.m.relates_to.event_id")
         new = content.get("m.new_content")
         if not isinstance(new, Mapping):
             raise MatrixDecodeError("an edit (m.replace) needs the new content", field="content.m.new_content")
@@ -205,6 +254,8 @@ def message_from_content(message_id: str, sender: str, content: Mapping[str, Any
     if not isinstance(body, str):
         raise MatrixDecodeError("must be a string", field=f"{field}.body")
     msgtype = content.get("msgtype")
+    if msgtype is not None and not isinstance(msgtype, str):
+        raise MatrixDecodeError("must be a string", field=f"{field}.msgtype")
     formatted = content.get("formatted_body") if content.get("format") == HTML_FORMAT else None
     if formatted is not None and not isinstance(formatted, str):
         raise MatrixDecodeError("must be a string", field=f"{field}.formatted_body")
@@ -251,10 +302,10 @@ def _relations(content: Mapping[str, Any], field: str) -> tuple[str | None, str 
         return None, None
     in_reply = rel.get("m.in_reply_to")
     reply_to = in_reply.get("event_id") if isinstance(in_reply, Mapping) else None
-    if reply_to is not None and not isinstance(reply_to, str):
-        raise MatrixDecodeError("must be a string", field=f"{field}.m.relates_to.m.in_reply_to.event_id")
+    if reply_to is not None:
+        reply_to = _id(in_reply, "event_id", f"{field}.m.relates_to.m.in_reply_to.event_id")
     if rel.get("rel_type") == "m.thread":
-        root = _str(rel, "event_id", f"{field}.m.relates_to.event_id")
+        root = _id(rel, "event_id", f"{field}.m.relates_to.event_id")
         if rel.get("is_falling_back", False) is not False or reply_to == root:
             reply_to = None
         return reply_to, root
@@ -320,7 +371,7 @@ def _mentions(content: Mapping[str, Any], formatted: str | None, field: str) -> 
         ids = [unquote(m.group(1)) for m in _PILL.finditer(formatted)]
     seen: dict[str, None] = {}
     for u in ids:
-        if u.startswith("@") and ":" in u:
+        if u.startswith("@") and ":" in u and _id_ok(u):
             seen.setdefault(u)
     return tuple(Actor(u) for u in list(seen)[:64])
 
@@ -337,7 +388,7 @@ def _attachment(msgtype: str, content: Mapping[str, Any], body: str, field: str)
     if not isinstance(mimetype, str) or len(mimetype) > 255 or not _MEDIA_TYPE.match(mimetype):
         mimetype = MEDIA_MSGTYPES[msgtype]
     size = info.get("size")
-    size = size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
+    size = size if isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= SIZE_MAX else None
     filename = content.get("filename")
     filename = filename if isinstance(filename, str) and filename else None
     caption = body if filename is not None and body != filename else ""
@@ -353,6 +404,9 @@ def _redaction(event: Mapping[str, Any], event_id: str, sender: str, content: Ma
     target = content.get("redacts", event.get("redacts"))  # room v11+: in content; older: top level
     if not isinstance(target, str) or not target:
         raise MatrixDecodeError("a redaction names the event it removes", field="content.redacts")
+    if not _id_ok(target):
+        raise MatrixDecodeError("must hold no control characters and at most 255 bytes", field="content.redacts",
+                                reason=BAD_ID)
     reason = content.get("reason")
     reason = reason[:1024] if isinstance(reason, str) and reason else None
     author = redacted.get("sender") if isinstance(redacted, Mapping) else None
@@ -373,7 +427,7 @@ def _redaction(event: Mapping[str, Any], event_id: str, sender: str, content: Ma
 
 def _membership(event: Mapping[str, Any], event_id: str, sender: str, content: Mapping[str, Any],
                 unsigned: Mapping[str, Any], bot_user: str) -> Item | Ignored:
-    member = _str(event, "state_key")
+    member = _id(event, "state_key")
     if member == bot_user:
         return Ignored(BOT_MEMBERSHIP)
     membership = _str(content, "membership", "content.membership")
@@ -435,7 +489,7 @@ def _levels(content: Mapping[str, Any], key: str) -> dict[str, int]:
     users = content.get(key)
     if not isinstance(users, Mapping):
         return {}
-    return {u: _level(v) for u, v in users.items() if isinstance(u, str)}
+    return {u: _level(v) for u, v in users.items() if isinstance(u, str) and _id_ok(u)}
 
 
 def _level(value: Any) -> int:
@@ -460,7 +514,8 @@ def decode_policy_rule(event: Mapping[str, Any]) -> PolicyRule | None:
     """A user or server rule from a policy list room; ``None`` for any other event
     (room rules included). A rule with empty content was withdrawn: it comes back
     with ``removed=True`` so the adapter can drop it by ``state_key``."""
-    kind = _POLICY_KINDS.get(event.get("type"))  # type: ignore[arg-type]
+    etype = event.get("type")
+    kind = _POLICY_KINDS.get(etype) if isinstance(etype, str) else None
     if kind is None or "state_key" not in event:
         return None
     state_key = event.get("state_key")
@@ -493,8 +548,24 @@ def _str(obj: Mapping[str, Any], key: str, field: str | None = None) -> str:
     return value
 
 
+def _id(obj: Mapping[str, Any], key: str, field: str | None = None) -> str:
+    """A Matrix id (or state key naming a user): a non-empty string without
+    control characters, at most ``ID_MAX`` bytes."""
+    value = _str(obj, key, field)
+    if not _id_ok(value):
+        raise MatrixDecodeError("must hold no control characters and at most 255 bytes", field=field or key,
+                                reason=BAD_ID)
+    return value
+
+
+def _id_ok(value: str) -> bool:
+    return len(value) <= ID_MAX and len(value.encode("utf-8", "surrogatepass")) <= ID_MAX \
+        and _CONTROL.search(value) is None
+
+
 def _validate(item: Item) -> None:
     """Check the payload against the schema's limits (lengths, media types)."""
     problem = schema_problem(item.payload)
     if problem is not None:
-        raise MatrixDecodeError(f"does not fit the common schema: {problem[0]}", field="content" + problem[1])
+        raise MatrixDecodeError(f"does not fit the common schema: {problem[0]}", field="content" + problem[1],
+                                reason=SCHEMA_LIMIT)

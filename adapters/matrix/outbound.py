@@ -46,6 +46,10 @@ from schemas.v1 import (
 log = logging.getLogger("civic.matrix")
 
 CACHE_MAX = 100_000
+NOT_COPIED = object()
+"""``Outbound._upload``: the attachment stays where it is; the message links to it."""
+REFUSED = object()
+"""``Outbound._upload``: the gateway may not fetch the attachment's URL; the message only names it."""
 GHOST_LEVEL = {"member": 0, "moderator": 50, "admin": 50}
 """Power level a ghost gets for a role elsewhere. A remote admin becomes a
 moderator here: only the room's own people are its admins."""
@@ -165,17 +169,19 @@ class Outbound:
         thread = msg.thread if is_event_id(msg.thread) else None
         mentions = [self.ghosts.user_id(m) for m in msg.mentions]
         first: str | None = None
-        links: list[Attachment] = []
+        notes: list[str] = []
         uploaded: list[tuple[Attachment, str]] = []
         for att in msg.attachments:
             mxc = await self._upload(att, user)
-            if mxc is None:
-                links.append(att)
-            else:
+            if isinstance(mxc, str):
                 uploaded.append((att, mxc))
+            elif mxc is NOT_COPIED:  # what could not be copied travels as a link in the text
+                notes.append(f"{_label(att)}: {att.url}")
+            else:  # a URL the gateway may not fetch is not shown to the room either
+                notes.append(f"[attachment not copied: {_label(att)}]")
         text_msg = msg
-        if links:  # what could not be copied travels as a link in the text
-            lines = "\n".join(f"{a.name or a.alt or 'attachment'}: {a.url}" for a in links)
+        if notes:
+            lines = "\n".join(notes)
             text_msg = _with_text(msg, f"{msg.text}\n\n{lines}" if msg.text else lines)
         if text_msg.text or text_msg.html or not uploaded:
             content = encode.message_content(text_msg, reply_to_event=reply, thread_root=thread,
@@ -192,9 +198,13 @@ class Outbound:
         assert first is not None
         return {msg.id: first}
 
-    async def _upload(self, att: Attachment, user: str) -> str | None:
-        """The mxc URI of ``att`` in the homeserver's repository, or ``None``
-        when it cannot be copied (too large, refused address): then it travels as a link."""
+    async def _upload(self, att: Attachment, user: str) -> str | object:
+        """The mxc URI of ``att`` in the homeserver's repository; ``NOT_COPIED``
+        when it cannot be copied (too large, not found there): then it travels as
+        a link; ``REFUSED`` when the gateway may not fetch its URL at all (an
+        address of its own network in any spelling, not an http(s) URL, not a
+        valid URL): then only its name is shown. Either way the message goes on
+        without it, at once (retrying cannot change the answer)."""
         if att.url.startswith("mxc://"):
             return att.url
         own = mxc_of_public(self.media_base, self.media_key, att.url)
@@ -204,18 +214,23 @@ class Outbound:
             return self.uploads[att.url]
         if att.size is not None and att.size > self.config.media_max_bytes:
             self._degrade("media_too_large")
-            return None
+            return NOT_COPIED
         try:
             got = await self.fetcher.request("GET", att.url, max_bytes=self.config.media_max_bytes)
             if got.status != 200:
-                raise FetchError(f"{att.url}: HTTP {got.status}", transient=got.status >= 500 or got.status in (408, 429))
+                raise FetchError(f"{att.url}: HTTP {got.status}", transient=got.status >= 500 or got.status in (408, 429),
+                                 status=got.status)
             data, content_type = got.body, got.content_type or "application/octet-stream"
         except FetchError as exc:
             if exc.transient:
                 raise TransientDeliveryError(f"attachment {exc}") from None
+            if exc.status == 0:  # no answer because the URL itself was refused
+                log.info("attachment not copied into Matrix, its URL refused: %s", exc)
+                self._degrade("media_refused")
+                return REFUSED
             log.info("attachment not copied into Matrix, sent as a link: %s", exc)
             self._degrade("media_not_copied")
-            return None
+            return NOT_COPIED
         mxc = await self.client.upload(data, att.media_type or content_type, att.name, user=user)
         if len(self.uploads) > CACHE_MAX:
             self.uploads.clear()
@@ -353,6 +368,10 @@ class Outbound:
 
     async def _account_moved(self, d: Delivery, p: AccountMove) -> dict[str, str]:
         return {}  # the core already shows the person by their new account
+
+
+def _label(att: Attachment) -> str:
+    return att.name or att.alt or "attachment"
 
 
 def _with_text(msg: Message, text: str) -> Message:
