@@ -31,7 +31,8 @@ SCHEMA_VERSION = 1
 
 # Bounded strings: every field that crosses a link has a size limit, so a
 # payload bomb is refused while decoding rather than later.
-Id = Annotated[str, Meta(min_length=1, max_length=512, description="An id, native to the platform that sent it.")]
+Id = Annotated[str, Meta(min_length=1, max_length=512, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$",
+                         description="An id, native to the platform that sent it (no control characters).")]
 Name = Annotated[str, Meta(max_length=256, description="A display name.")]
 Text = Annotated[str, Meta(max_length=65536, description="Plain text.")]
 Html = Annotated[str, Meta(max_length=131072, description="HTML; the gateway sanitises it on entry.")]
@@ -84,7 +85,7 @@ class Attachment(Struct, frozen=True, omit_defaults=True, gc=False):
     media_type: Annotated[str, Meta(max_length=255, pattern=r"^[\w.+-]+/[\w.+-]+$")]
     alt: Text | None = None
     name: Name | None = None
-    size: Annotated[int, Meta(ge=0)] | None = None
+    size: Annotated[int, Meta(ge=0, le=2**53 - 1)] | None = None
 
 
 class Message(Struct, frozen=True, omit_defaults=True, gc=False):

@@ -294,3 +294,28 @@ async def test_an_event_that_cannot_be_encoded_is_a_dead_letter_at_once_and_the_
         await wait_for(lambda: len(b.of_type("civic.message.created")) == 3, what="a later event")
     finally:
         await stop_net(net)
+
+
+@pytest.mark.parametrize("where", ["id", "subject", "data.id", "data.author.id", "data.reply_to"])
+@pytest.mark.parametrize("char", ["\x00", "\x1b", "\n", "\x85", "\x9b"])
+def test_an_id_with_a_control_character_from_a_site_is_refused_naming_its_field(where: str, char: str) -> None:
+    """Ids are never cleaned (they must match what the site knows), so one with
+    a control character is refused at the door, as a 400 naming the field,
+    instead of reaching a store that refuses it (PostgreSQL and NUL) on every retry."""
+    from adapters.webhook.decode import decode_body
+    from gateway.errors import DecodeError
+
+    event: dict[str, Any] = {"specversion": "1.0", "type": "civic.message.created", "id": "e1", "source": "site",
+                             "subject": "general", "data": {"id": "m1", "author": {"id": "u1", "name": "U"},
+                                                            "text": "hi", "reply_to": "m0"}}
+    node, key = event, where
+    if "." in where:
+        *path, key = where.split(".")
+        for part in path:
+            node = node[part]
+    node[key] = "a" + char + "b"
+    with pytest.raises(DecodeError) as err:
+        decode_body("application/cloudevents+json", orjson.dumps(event))
+    assert err.value.status == 400 and err.value.field == "$." + where
+    node[key] = "a\u00e9\u200bb"  # other characters, printable or not, are the site's business
+    assert decode_body("application/cloudevents+json", orjson.dumps(event))
