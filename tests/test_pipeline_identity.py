@@ -209,6 +209,24 @@ async def test_ban_stops_later_messages_and_unban_lets_them_through(net3: Net) -
     assert "Mo" not in str(entries) and "mod-1" not in str(entries)
 
 
+async def test_a_ban_that_names_a_message_too_bans_the_member(net3: Net) -> None:
+    """A ban given with the offending message and its author bans the author
+    (the message is what the log calls the subject)."""
+    b, c = net3.sites["b"], net3.sites["c"]
+    sa = net3.senders["a"]
+    troll = person("troll", "Troll")
+    mid = await post(sa, "g-a", troll, "the offending post")
+    await arrived(b, "the offending post")
+    await send(sa, "civic.moderation.action", "g-a", {"action": "ban", "message": mid, "member": troll,
+                                                      "by": person("mod-1", "Mo"), "reason": "abuse"})
+    await post(sa, "g-a", troll, "after a ban with a message")
+    await post(sa, "g-a", person("ann", "Ann"), "marker 6")
+    await arrived(b, "marker 6")
+    await arrived(c, "marker 6")
+    assert "after a ban with a message" not in texts(b) and "after a ban with a message" not in texts(c)
+    assert dropped(net3, "a", "banned") == 1
+
+
 async def test_ban_on_another_site_of_a_relayed_member_stops_their_messages(net3: Net) -> None:
     """b's moderator only knows the troll by the id the gateway gave b; banning
     that id must stop the troll's messages from a reaching b and c."""
