@@ -21,13 +21,14 @@ import asyncpg
 import pytest
 
 from gateway import transparency
-from gateway.ids import ACTOR, PlatformName
+from gateway.ids import ACTOR, EventId, GroupId, GroupRef, LinkName, PlatformName
 from gateway.store.base import Tx
 from gateway.store.postgresql import PostgresStore
 from gateway.store.postgresql import migrations as pg_migrations
 from gateway.store.sqlite import migrations as sqlite_migrations
 from tests.conftest import Net, start_net, stop_net
 from tests.services import temp_database
+from schemas.v1 import Actor
 from tests.sitekit import Sender, Site, wait_for
 
 LINKS = ('[[links]]\nname = "one"\ngroups = [{platform = "a", group = "g-a"}, {platform = "b", group = "g-b1"}]\n'
@@ -365,9 +366,6 @@ async def test_postgresql_entries_stored_before_the_upgrade_show_no_person() -> 
 ])
 def test_each_level_as_the_log_shows_it(member: dict[str, Any], by: dict[str, Any] | None, subject: str,
                                         moderator: str) -> None:
-    from gateway.ids import EventId, GroupId, GroupRef, LinkName
-    from schemas.v1 import Actor
-
     e = transparency.entry(time=1.0, link=LinkName("l"), source=GroupRef(PlatformName("p"), GroupId("g")),
                            action="ban", event_id=EventId("e"), subject="cga_1", member=Actor(**member),
                            moderator=Actor(**by) if by else None, reason="Xena said so", category=None)
