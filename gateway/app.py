@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
-from gateway import admin, registry
+from gateway import admin, registry, transparency
 from gateway.adapter import Adapter, AdapterContext, BanRule, Inbound, IngestResult, Overloaded, StoreState
 from gateway.bus import Bus, LocalBus
 from gateway.cluster import Cluster
@@ -371,14 +371,15 @@ class Gateway:
         return web.json_response(body, status=200 if ok else 503, headers=headers)
 
     async def _moderation_log(self, request: web.Request) -> web.Response:
-        """The public transparency log: every moderation action the gateway carried."""
+        """The public transparency log: every moderation action the gateway carried,
+        each person in it only as their identity level allows (``gateway.transparency``)."""
         try:
             after = int(request.query.get("after", "0"))
             limit = min(1000, max(1, int(request.query.get("limit", "100"))))
         except ValueError:
             return problem(400, "after and limit are whole numbers", "bad-query")
         entries = await self.store.moderation_log(after, limit, request.query.get("link"))
-        return web.json_response({"entries": [admin.to_builtins(e) for e in entries]})
+        return web.json_response({"entries": [transparency.public(e) for e in entries]})
 
     async def serve(self, host: str, port: int) -> web.AppRunner:
         """Start the HTTP server (after ``start``); returns the runner to clean up."""

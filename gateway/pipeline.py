@@ -21,14 +21,14 @@ import msgspec
 from msgspec import Struct
 from msgspec.structs import replace
 
-from gateway import ids
+from gateway import ids, transparency
 from gateway.adapter import Capabilities, Inbound
 from gateway.ids import ACTOR, MESSAGE, CanonicalId, EventId, GroupRef, LinkName, PlatformName
 from gateway.people import People
 from gateway.policy import BanRules
 from gateway.router import Route, Router
 from gateway.sanitize import clean_payload
-from gateway.store.base import ModerationEntry, OutboxItem, Tx, encode_payload
+from gateway.store.base import OutboxItem, Tx, encode_payload
 from schemas.cloudevents import EARLIEST_TIME, LATEST_TIME
 from schemas.v1 import (
     EVENT_TYPES,
@@ -236,7 +236,8 @@ class Pipeline:
         by, by_actor = self._actor_ref(tx, source, p.by) if p.by else (None, None)
         tx.set_membership(source.platform, source.group, member, p.state, p.role, now)
         if p.state in ("kicked", "banned", "unbanned"):
-            self._moderate(tx, ev, source, p.state, member, p.member, p.by, p.reason, None, now)
+            self._moderate(tx, ev, source, p.state, member, member, _as_shown(p.member, member_actor),
+                           _as_shown(p.by, by_actor), p.reason, None, now)
 
         def build(tx: Tx, route: Route, pending: list[str]) -> Membership:
             t = route.target
@@ -251,8 +252,10 @@ class Pipeline:
         if p.message is not None and msg is None:
             return Outcome("dropped", "unknown_message")
         member, member_actor = self._actor_ref(tx, source, p.member) if p.member else (None, None)
+        by_actor = self._actor_ref(tx, source, p.by)[1] if p.by else None
         subject = msg or member or ""
-        self._moderate(tx, ev, source, p.action, subject, p.member, p.by, p.reason, p.category, now)
+        self._moderate(tx, ev, source, p.action, subject, member, _as_shown(p.member, member_actor),
+                       _as_shown(p.by, by_actor), p.reason, p.category, now)
 
         def build(tx: Tx, route: Route, pending: list[str]) -> ModerationAction | Report:
             t = route.target
@@ -385,18 +388,18 @@ class Pipeline:
         return tx.sent_since(key, now - ECHO_WINDOW)  # sent by another node, or before a restart
 
     def _moderate(self, tx: Tx, ev: Inbound, source: GroupRef, action: str, subject: str,
-                  member: Actor | None, by: Actor | None, reason: str | None, category: str | None,
-                  now: float) -> None:
-        """Write the public log entry and update the bans of every link of the group."""
+                  member_c: CanonicalId | None, member: Actor | None, by: Actor | None, reason: str | None,
+                  category: str | None, now: float) -> None:
+        """Write the public log entry (``gateway.transparency``: people only as
+        their identity level allows) and update the bans of every link of the group."""
         for link in self.router.links_of(source):
-            tx.log_moderation(ModerationEntry(
-                time=now, link=link.link_name, platform=source.platform, grp=source.group, action=action,
-                subject=subject, moderator=by.name if by else None, reason=reason, category=category,
-                event_id=ev.event_id))
-            if link.moderation == "mirror" and member is not None and action in ("ban", "banned", "unban", "unbanned"):
+            tx.log_moderation(transparency.entry(
+                time=now, link=link.link_name, source=source, action=action, event_id=ev.event_id,
+                subject=subject, member=member, moderator=by, reason=reason, category=category))
+            if link.moderation == "mirror" and member_c is not None and action in ("ban", "banned", "unban", "unbanned"):
                 banned = action in ("ban", "banned")
-                tx.set_ban(link.link_name, CanonicalId(subject), banned, now)
-                key = (link.link_name, CanonicalId(subject))
+                tx.set_ban(link.link_name, member_c, banned, now)
+                key = (link.link_name, member_c)
                 if banned:
                     self.bans.add(key)
                 else:
@@ -440,6 +443,14 @@ def _fingerprint(platform: str, group: str, etype: str, body: bytes) -> bytes:
     """The same on every node and in every process (unlike ``hash``)."""
     return hashlib.blake2b(b"\0".join((platform.encode(), group.encode(), etype.encode(), body)),
                            digest_size=16).digest()
+
+
+def _as_shown(given: Actor | None, resolved: Actor | None) -> Actor | None:
+    """The person as the event gives them, at the level they may be shown at
+    (``People.resolve`` makes an anonymous stand-in anonymous, whatever the event claims)."""
+    if given is None or resolved is None or resolved.identity == given.identity:
+        return given
+    return replace(given, identity=resolved.identity)
 
 
 def _acting_actor(p: Any) -> Actor | None:

@@ -98,7 +98,9 @@ async def test_membership_and_moderation_removal_arrive_and_are_logged_publicly(
         async with s.get(f"{net3.url}/v1/moderation-log") as resp:
             log = await resp.json()
     entry = log["entries"][0]
-    assert entry["action"] == "remove_message" and entry["moderator"] == "Mo (moderator)"
+    assert entry["action"] == "remove_message" and entry["subject"] == "a message"
+    assert entry["moderator"] == "a moderator of group g-a on a"  # pseudonymous: shown by role only
+    assert "Mo (moderator)" not in str(log)
     assert entry["reason"] == "advertising" and entry["link"] == "together"
 
 

@@ -200,7 +200,31 @@ async def test_ban_stops_later_messages_and_unban_lets_them_through(net3: Net) -
         async with s.get(f"{net3.url}/v1/moderation-log") as resp:
             entries = (await resp.json())["entries"]
     assert [e["action"] for e in entries] == ["ban", "unban"]
-    assert entries[0]["moderator"] == "Mo" and entries[0]["reason"] == "abuse"
+    assert entries[0]["reason"] == "abuse"
+    # a pseudonymous troll is shown by the pseudonym and the id the linked groups know them by;
+    # a moderator who is not identified, by their role only
+    assert entries[0]["subject"] == "Troll" and entries[0]["subject_identity"] == "pseudonymous"
+    assert entries[0]["subject_id"] == by_text(b, "before the ban")["author"]["id"]
+    assert entries[0]["moderator"] == "a moderator of group g-a on a"
+    assert "Mo" not in str(entries) and "mod-1" not in str(entries)
+
+
+async def test_a_ban_that_names_a_message_too_bans_the_member(net3: Net) -> None:
+    """A ban given with the offending message and its author bans the author
+    (the message is what the log calls the subject)."""
+    b, c = net3.sites["b"], net3.sites["c"]
+    sa = net3.senders["a"]
+    troll = person("troll", "Troll")
+    mid = await post(sa, "g-a", troll, "the offending post")
+    await arrived(b, "the offending post")
+    await send(sa, "civic.moderation.action", "g-a", {"action": "ban", "message": mid, "member": troll,
+                                                      "by": person("mod-1", "Mo"), "reason": "abuse"})
+    await post(sa, "g-a", troll, "after a ban with a message")
+    await post(sa, "g-a", person("ann", "Ann"), "marker 6")
+    await arrived(b, "marker 6")
+    await arrived(c, "marker 6")
+    assert "after a ban with a message" not in texts(b) and "after a ban with a message" not in texts(c)
+    assert dropped(net3, "a", "banned") == 1
 
 
 async def test_ban_on_another_site_of_a_relayed_member_stops_their_messages(net3: Net) -> None:

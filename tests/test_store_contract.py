@@ -431,8 +431,11 @@ async def test_set_membership_upserts(store: Store, backend: Backend) -> None:
 
 def _entry(i: int, link: str) -> ModerationEntry:
     return ModerationEntry(time=float(i), link=LinkName(link), platform=P("p"), grp=GroupId("g"), action="ban",
-                           subject=f"cga_{i}", moderator=None if i % 2 else "cga_mod", reason=f"r{i}",
-                           category=None, event_id=E(f"e{i}"))
+                           subject=f"cga_{i}", moderator=None if i % 2 else "Mod", reason=f"r{i}",
+                           category=None, event_id=E(f"e{i}"),
+                           subject_identity=("anonymous", "pseudonymous", "identified", None)[i % 4],
+                           subject_name=f"name {i}" if i % 4 in (1, 2) else None,
+                           moderator_identity=None if i % 2 else "identified")
 
 
 async def test_moderation_log_paging_and_link_filter(store: Store) -> None:

@@ -94,7 +94,9 @@ class Mapping(Struct, frozen=True, gc=False):
 
 
 class ModerationEntry(Struct, frozen=True):
-    """One row of the public moderation log."""
+    """One row of the public moderation log, as stored. It keeps no name that
+    the person's identity level does not allow; ``gateway.transparency.public``
+    is what the world sees of it."""
 
     time: float
     link: LinkName
@@ -107,6 +109,13 @@ class ModerationEntry(Struct, frozen=True):
     category: str | None
     event_id: EventId
     seq: int = 0
+    subject_identity: str | None = None
+    """The identity level of the member acted on (None: a message alone, or a
+    row from before migration 0007); ``gateway.transparency`` shows them by it."""
+    subject_name: str | None = None
+    """Their name, kept only when their level lets the log show it."""
+    moderator_identity: str | None = None
+    """The moderator's level; ``moderator`` holds their name only when identified."""
 
 
 STATE_KEY_MAX = 512

@@ -237,9 +237,10 @@ class PgTx:
 
     def log_moderation(self, e: ModerationEntry) -> None:
         self.execute("INSERT INTO moderation_log (time, link, platform, grp, action, subject, moderator, reason,"
-                     " category, event_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                     " category, event_id, subject_identity, subject_name, moderator_identity)"
+                     " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
                      e.time, e.link, e.platform, e.grp, e.action, e.subject, e.moderator, e.reason, e.category,
-                     e.event_id)
+                     e.event_id, e.subject_identity, e.subject_name, e.moderator_identity)
 
     def set_ban(self, link: LinkName, actor: CanonicalId, banned: bool, now: float) -> None:
         if banned:
@@ -724,8 +725,8 @@ class PostgresStore(Store):
 
     async def moderation_log(self, after_seq: int = 0, limit: int = 100,
                              link: str | None = None) -> list[ModerationEntry]:
-        sql = ("SELECT time, link, platform, grp, action, subject, moderator, reason, category, event_id, seq"
-               " FROM moderation_log WHERE seq > $1")
+        sql = ("SELECT time, link, platform, grp, action, subject, moderator, reason, category, event_id, seq,"
+               " subject_identity, subject_name, moderator_identity FROM moderation_log WHERE seq > $1")
         args: list[Any] = [after_seq]
         if link is not None:
             sql += " AND link = $2"

@@ -158,9 +158,10 @@ class SqliteTx:
 
     def log_moderation(self, e: ModerationEntry) -> None:
         self.c.execute("INSERT INTO moderation_log (time, link, platform, grp, action, subject, moderator, reason,"
-                       " category, event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       " category, event_id, subject_identity, subject_name, moderator_identity)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (e.time, e.link, e.platform, e.grp, e.action, e.subject, e.moderator, e.reason,
-                        e.category, e.event_id))
+                        e.category, e.event_id, e.subject_identity, e.subject_name, e.moderator_identity))
 
     def set_ban(self, link: LinkName, actor: CanonicalId, banned: bool, now: float) -> None:
         if banned:
@@ -501,8 +502,8 @@ class SqliteStore(Store):
 
     async def moderation_log(self, after_seq: int = 0, limit: int = 100,
                              link: str | None = None) -> list[ModerationEntry]:
-        sql = ("SELECT time, link, platform, grp, action, subject, moderator, reason, category, event_id, seq"
-               " FROM moderation_log WHERE seq > ?")
+        sql = ("SELECT time, link, platform, grp, action, subject, moderator, reason, category, event_id, seq,"
+               " subject_identity, subject_name, moderator_identity FROM moderation_log WHERE seq > ?")
         args: list[Any] = [after_seq]
         if link is not None:
             sql += " AND link = ?"
