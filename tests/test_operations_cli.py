@@ -170,10 +170,14 @@ def test_run_losing_the_port_after_starting_says_the_same(tmp_path: Path, held_p
     monkeypatch.setattr("gateway.app.port_taken", free)
     cfg = tmp_path / "gw.toml"
     cfg.write_text(f'[gateway]\nlisten = "127.0.0.1:{held_port}"\ndatabase = "gw.db"\nlog_format = "text"\n')
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
     try:
         assert cli.main(["run", "--config", str(cfg)]) == 1
     finally:
         asyncio.set_event_loop_policy(None)  # `run` installs uvloop's policy for the process
+        root.handlers[:] = saved[0]  # `run` logs to this test's captured stderr, closed after it
+        root.setLevel(saved[1])
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == (f"civic-gateway: port {held_port} on 127.0.0.1 is in use: "
                                             f"change [gateway] listen in {cfg}")

@@ -182,7 +182,8 @@ async def test_ban_rules_from_one_platform_drop_what_any_platform_brings(tmp_pat
 
         status, body = await sb.send([sb.event("civic.message.created", "g-b", msg("b-1", "buy pills",
                                                                                  author="spammer-1"))])
-        assert (status, body) == (202, {"accepted": 1, "duplicates": 0}), "dropped, not refused"
+        assert (status, body) == (202, {"accepted": 1, "duplicates": 0, "not_relayed": [
+            {"index": 0, "id": body["not_relayed"][0]["id"], "reason": "policy_ban"}]}), "stored and dropped, not refused"
         await sb.send([sb.event("civic.message.created", "g-b", msg("b-2", "hello", author="alice"))])
         await wait_for(lambda: site_a.of_type("civic.message.created"), what="alice's message")
         await asyncio.sleep(0.2)
