@@ -77,7 +77,7 @@ def test_settings_defaults_and_normalised_urls() -> None:
     ({"as_token": "short"}, "Expected `str` of length >= 32 - at `$.as_token`"),
     ({"hs_token": "h" * 31 + " "}, "at `$.hs_token`"),
     ({"server_name": "example.org/x"}, "at `$.server_name`"),
-    ({"homeserver": "matrix.example.org"}, "at `$.homeserver`"),
+    ({"homeserver": "matrix.example.org"}, "`homeserver`: expected http:// or https://"),
     ({"appservice_url": "https://gw.example.org/x?token=1"}, "`appservice_url`: expected a base URL"),
     ({"bot_localpart": "Civic"}, "at `$.bot_localpart`"),
     ({"bot_localpart": "civic_bot"}, "`bot_localpart`: 'civic_bot' lies in the ghost namespace"),
