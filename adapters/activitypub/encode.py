@@ -281,3 +281,29 @@ def announce(urls: Urls, group_name: str, inner: Mapping[str, Any], announce_id:
     group = urls.group(group_name)
     body = {k: v for k, v in inner.items() if k != "@context"}
     return activity("Announce", announce_id, group, body, to=[PUBLIC], cc=[f"{group}/followers"], audience=group)
+
+
+# -- what crosses (checked by the contract suite, tests/test_adapter_contract.py) --------------------
+
+CARRIES = frozenset({"civic.message.created", "civic.message.edited", "civic.message.deleted",
+                     "civic.reaction.added", "civic.reaction.removed", "civic.membership.changed",
+                     "civic.moderation.action", "civic.report.filed"})
+"""Event types a hosted group shares with its followers (a report: a Flag to
+the reported person's server) that read back as the same type. Not carried:
+``civic.profile.updated`` (an Update of the gateway's Person document, not an
+event of the group), ``civic.account.moved`` (the core shows the person by
+their new account)."""
+_WARNED = "a content warning (summary) marks the post sensitive, as Mastodon does"
+_BY_GROUP = "the group acts (its Block or Delete), not the moderator: the fediverse sees no moderator accounts"
+DEGRADATIONS: dict[str, dict[str, str]] = {
+    "civic.message.created": {"sensitive": _WARNED},
+    "civic.message.edited": {"sensitive": _WARNED, "html": "a post's content is HTML: plain text arrives as paragraphs"},
+    "civic.membership.changed": {"by": _BY_GROUP},
+    "civic.moderation.action": {"by": _BY_GROUP},
+    "civic.report.filed": {
+        "category": "a Flag has no category: it leads the Flag's content and reads back as \"other\"",
+        "text": "the category leads it (\"spam: ...\")",
+        "reporter": "the gateway's instance actor sends the Flag; the reporter stays unnamed",
+    },
+}
+"""Fields of a payload that come back changed after a trip through the fediverse."""

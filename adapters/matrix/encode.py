@@ -274,3 +274,19 @@ def stand_in_of(prefix: str, user_id: str, server_name: str) -> str | None:
         return None
     stand_in = "".join(out)
     return stand_in if stand_in and ghost_localpart(prefix, stand_in) == prefix + local else None
+
+
+# -- what crosses (checked by the contract suite, tests/test_adapter_contract.py) --------------------
+
+CARRIES = frozenset({"civic.message.created", "civic.message.edited", "civic.message.deleted",
+                     "civic.reaction.added", "civic.reaction.removed", "civic.membership.changed",
+                     "civic.moderation.action"})
+"""Event types that become room events and read back as the same type.
+Not carried into the room: ``civic.report.filed`` (goes to the homeserver's
+admins, not the room), ``civic.profile.updated`` (a ghost's display name),
+``civic.account.moved`` (the core shows the person by their new account)."""
+DEGRADATIONS: dict[str, dict[str, str]] = {
+    "civic.membership.changed": {"by": "a kick or ban is done by the gateway's bot, which the room names as its author"},
+    "civic.moderation.action": {"by": "a removal is a redaction by the gateway's bot, which the room names as its author"},
+}
+"""Fields of a payload that come back changed after a trip through a room."""

@@ -156,3 +156,14 @@ def error_report(err: InputError, topic: str) -> bytes:
     ``error`` (a sentence), ``reason`` (a code), and ``id``, ``index``, ``field``
     when known, plus the ``topic`` it came in on."""
     return _encode({**err.as_json(), "topic": topic})
+
+
+# -- what crosses (checked by the contract suite, tests/test_adapter_contract.py) --------------------
+
+CARRIES = frozenset({"civic.message.created", "civic.message.edited", "civic.message.deleted",
+                     "civic.reaction.added", "civic.reaction.removed", "civic.membership.changed",
+                     "civic.moderation.action", "civic.report.filed", "civic.profile.updated",
+                     "civic.account.moved"})
+"""Every event type of the common schema: a site speaks it natively."""
+DEGRADATIONS: dict[str, dict[str, str]] = {}
+"""Nothing changes on the way: the CloudEvent's ``data`` is the schema payload itself."""

@@ -77,3 +77,14 @@ def result(status: int, headers: Mapping[str, str], body: bytes, now: float) -> 
     if status in (408, 429) or status >= 500:
         raise TransientDeliveryError(f"HTTP {status}: {snippet}", retry_after=retry_after(headers.get("Retry-After"), now))
     raise PermanentDeliveryError(f"HTTP {status}: {snippet}")
+
+
+# -- what crosses (checked by the contract suite, tests/test_adapter_contract.py) --------------------
+
+CARRIES = frozenset({"civic.message.created", "civic.message.edited", "civic.message.deleted",
+                     "civic.reaction.added", "civic.reaction.removed", "civic.membership.changed",
+                     "civic.moderation.action", "civic.report.filed", "civic.profile.updated",
+                     "civic.account.moved"})
+"""Every event type of the common schema: a site speaks it natively."""
+DEGRADATIONS: dict[str, dict[str, str]] = {}
+"""Nothing changes on the way: the CloudEvent's ``data`` is the schema payload itself."""
