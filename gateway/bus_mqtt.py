@@ -22,6 +22,7 @@ import aiomqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.bus import Bus
+from gateway.tasks import TaskGroup
 
 log = logging.getLogger("civic.bus")
 
@@ -46,7 +47,8 @@ class MqttBus(Bus):
         self.keepalive = keepalive
         self._client: aiomqtt.Client | None = None
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(MAX_QUEUED)
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = TaskGroup()
+        """The connection loop and, while connected, its sender; closed by ``stop``."""
         self._stopping = False
         self.reconnects = 0
         self.dropped = 0
@@ -57,17 +59,11 @@ class MqttBus(Bus):
 
     async def start(self) -> None:
         self._stopping = False
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="mqtt-bus")
+        self._tasks.spawn(self._run(), "mqtt-bus")
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        await self._tasks.close()
 
     def publish(self, channel: str, payload: bytes) -> None:
         try:
@@ -92,7 +88,7 @@ class MqttBus(Bus):
                     log.info("bus connected to %s:%d", self.host, self.port)
                     if self.on_connect is not None:
                         self.on_connect()
-                    sender = asyncio.get_running_loop().create_task(self._send(client), name="mqtt-bus-send")
+                    sender = self._tasks.spawn(self._send(client), "mqtt-bus-send")
                     try:
                         async for message in client.messages:
                             channel = str(message.topic).rpartition("/")[2]
@@ -100,6 +96,7 @@ class MqttBus(Bus):
                             self._dispatch(channel, payload if isinstance(payload, bytes) else bytes(payload or b""))
                     finally:
                         sender.cancel()
+                        await asyncio.wait([sender])  # ended before the client closes under it
             except aiomqtt.MqttError as exc:
                 if not self._stopping:
                     log.warning("bus connection to %s:%d lost or refused (%s); reconnecting in %.1f s",

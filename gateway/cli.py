@@ -47,8 +47,9 @@ async def _wait_for_signal() -> None:
 
 
 async def _run(config_path: str) -> None:
-    from gateway.app import Gateway, port_taken, split_listen
     from gateway.config import load
+    from gateway.runtime import Gateway
+    from gateway.web.server import port_taken, split_listen
 
     config = load(config_path)
     logs.setup(config.gateway.log_format, config.gateway.log_level)
@@ -67,7 +68,7 @@ async def _run(config_path: str) -> None:
     # cyclic collector's scans (measured: GC took ~8 % of a relay run before).
     gc.freeze()
     try:
-        runner = await gw.serve(host, port)
+        await gw.serve(host, port)
     except OSError as exc:
         await gw.stop()
         if exc.errno == errno.EADDRINUSE:  # taken since port_taken looked
@@ -78,8 +79,7 @@ async def _run(config_path: str) -> None:
         await _wait_for_signal()
     finally:
         log.info("stopping")
-        await runner.cleanup()
-        await gw.stop()
+        await gw.stop()  # the HTTP server first
 
 
 def cmd_run(args: argparse.Namespace) -> int:

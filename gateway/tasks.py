@@ -36,8 +36,11 @@ class TaskGroup:
         return len(self._tasks)
 
     async def close(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
+        """Cancel every task and wait until none is left, including those a
+        task spawned while it was being cancelled (its ``finally``, a done
+        callback); the group can be used again afterwards."""
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gateway.app import Gateway  # noqa: E402
+from gateway.runtime import Gateway  # noqa: E402
 from gateway.config import parse  # noqa: E402
 from tests.sitekit import Sender, Site, free_port, new_secret  # noqa: E402
 

@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.app import Gateway
+from gateway.runtime import Gateway
 from tests.conftest import Net, start_net, stop_net
 from tests.sitekit import Sender, Site, wait_for
 

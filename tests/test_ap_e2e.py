@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from adapters.activitypub import signatures as sig
-from gateway.app import Gateway
+from gateway.runtime import Gateway
 from gateway.config import parse
 from tests.fedify import Fedify, ensure_fedify_shown
 from tests.services import free_port

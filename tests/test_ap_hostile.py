@@ -24,7 +24,7 @@ import orjson
 import pytest
 
 from adapters.activitypub import signatures as sig
-from gateway.app import Gateway
+from gateway.runtime import Gateway
 from gateway.config import parse
 from tests.services import free_port
 from tests.sitekit import Site, new_secret, wait_for

@@ -215,7 +215,7 @@ async def test_overload_answers_429_and_503_with_retry_after(tmp_path: Path) -> 
         assert status == 429 and "undelivered" in body["error"]
         s = await sa.session()
         ev = sa.event("civic.message.created", "g-a", msg("o-y", "y"))
-        net.gw._outbox_depth = 0
+        net.gw.ingress.outbox_depth = 0
         net.gw.store.backlog = lambda: 10**6  # type: ignore[method-assign]
         async with s.post(sa.url, data=orjson.dumps(ev), headers=_signed(sa, orjson.dumps(ev))) as resp:
             assert resp.status == 503 and resp.headers["Retry-After"] == "1"

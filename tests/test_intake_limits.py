@@ -32,7 +32,7 @@ from aiohttp import web
 from adapters.activitypub import signatures as sig
 from adapters.webhook import decode
 from adapters.webhook.signing import sign
-from gateway.app import Gateway
+from gateway.runtime import Gateway
 from gateway.config import parse
 from gateway.errors import DecodeError
 from schemas.cloudevents import BATCH_CONTENT_TYPE, CONTENT_TYPE

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from adapters.matrix.config import MatrixConfig
 from adapters.matrix.registration import registration_yaml
-from gateway.app import Gateway
+from gateway.runtime import Gateway
 from gateway.config import parse
 from tests.sitekit import Sender, Site, new_secret
 from tests.synapse import Synapse, User, _q, ensure_synapse_shown

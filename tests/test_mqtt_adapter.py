@@ -28,7 +28,7 @@ from adapters.mqtt.client import AckingClient, coalesce, parse_publish
 from adapters.mqtt.config import MqttConfig
 from gateway import registry
 from gateway.adapter import AdapterContext, Delivery, DeliveryResult, Inbound, IngestResult, Overloaded
-from gateway.app import Gateway
+from gateway.runtime import Gateway
 from gateway.config import parse, validate_adapters
 from gateway.errors import ConfigError, TransientDeliveryError
 from gateway.ids import EventId, GroupId, PlatformName

@@ -167,7 +167,7 @@ def test_run_losing_the_port_after_starting_says_the_same(tmp_path: Path, held_p
     """The port taken between the early look and the real bind: the gateway stops again, same message."""
     async def free(_host: str, _port: int) -> bool:
         return False
-    monkeypatch.setattr("gateway.app.port_taken", free)
+    monkeypatch.setattr("gateway.web.server.port_taken", free)
     cfg = tmp_path / "gw.toml"
     cfg.write_text(f'[gateway]\nlisten = "127.0.0.1:{held_port}"\ndatabase = "gw.db"\nlog_format = "text"\n')
     root = logging.getLogger()

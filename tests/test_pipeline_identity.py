@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.app import Gateway
+from gateway.runtime import Gateway
 from tests.conftest import Net, start_net, stop_net
 from tests.sitekit import Sender, Site, wait_for
 

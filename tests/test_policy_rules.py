@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.adapter import AdapterContext, BanRule, MemoryState
-from gateway.app import Gateway
+from gateway.runtime import Gateway
 from gateway.config import parse
 from gateway.policy import BanRules, glob_pattern, server_of
 from tests.conftest import start_net, stop_net

@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from adapters.webhook.signing import sign
-from gateway.app import Gateway
+from gateway.runtime import Gateway
 from gateway.config import parse
 from tests.services import PG_HOST, PG_PORT, free_port, temp_database
 from tests.sitekit import CE, Sender, Site, new_secret, wait_for

@@ -19,10 +19,11 @@ import webbrowser
 from pathlib import Path
 
 from gateway import logs
-from gateway.app import Gateway, port_taken
 from gateway.config import parse
-from gateway.errors import GatewayError
 from gateway.demo.site import make_site_app, start_site
+from gateway.errors import GatewayError
+from gateway.runtime import Gateway
+from gateway.web.server import port_taken
 
 log = logging.getLogger("civic.demo")
 
