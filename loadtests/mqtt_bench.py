@@ -62,9 +62,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from adapters.mqtt.adapter import PackedProperties
-from adapters.mqtt.client import AckingClient
+from adapters.mqtt.connection import AckingClient
 from adapters.mqtt.encode import out_topic, topic_level
+from adapters.mqtt.outbound import PackedProperties
 from loadtests.relay_bench import (
     BATCH_SIZE,
     GROUPS,

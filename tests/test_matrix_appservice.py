@@ -1,4 +1,4 @@
-"""The Matrix appservice's inbound routes (adapters/matrix/appservice.py)
+"""The Matrix appservice's inbound routes (adapters/matrix/inbound.py)
 against a real Synapse.
 
 One Synapse for the module, whose registration points at an aiohttp server
@@ -24,8 +24,9 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from adapters.matrix.appservice import AppserviceInbound, PingError, ping_homeserver
 from adapters.matrix.config import MatrixConfig
+from adapters.matrix.homeserver import PingError, ping_homeserver
+from adapters.matrix.inbound import AppserviceInbound
 from adapters.matrix.registration import registration_yaml
 from gateway.adapter import Inbound, IngestResult, Overloaded
 from schemas.v1 import Message

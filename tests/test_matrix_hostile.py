@@ -24,8 +24,8 @@ import pytest
 from aiohttp import web
 
 from adapters.matrix import decode as D
-from adapters.matrix.appservice import AppserviceInbound
 from adapters.matrix.config import MatrixConfig
+from adapters.matrix.inbound import AppserviceInbound
 from gateway.adapter import Inbound, IngestResult
 from tests.services import free_port
 from tests.test_matrix_e2e import Hub, by_type, hub, linked, site_msg, until  # noqa: F401 -- hub is a fixture
@@ -152,8 +152,9 @@ async def test_an_authorization_header_that_is_not_utf8_is_refused_not_a_server_
 
 
 async def test_the_hooks_see_only_events_of_a_sane_shape(endpoint: Any) -> None:
-    """The adapter's hooks read the events before decoding (redactions, power
-    levels, member names): they get only the screened ones."""
+    """The adapter's ``context`` and ``prepare`` callbacks read the events
+    before decoding (redactions, power levels, member names): they get only
+    the screened ones."""
     inbound, recorder, port = endpoint
     seen: list[Any] = []
 
@@ -166,10 +167,8 @@ async def test_the_hooks_see_only_events_of_a_sane_shape(endpoint: Any) -> None:
             assert all(isinstance(e["content"], dict) for e in events)
             return inbound
 
-        def gap(self) -> None:
-            pass
-
-    inbound.hooks = Hooks()  # type: ignore[assignment]
+    hooks = Hooks()
+    inbound.context, inbound.prepare = hooks.context, hooks.prepare
     status, _ = await put(port, "t-hooks", {"events": [*hostile().values(), good("$ok", "ok")]},
                           inbound.config.hs_token)
     assert status == 200

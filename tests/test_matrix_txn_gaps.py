@@ -15,13 +15,15 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from adapters.matrix.appservice import GAP_WATCH, AppserviceInbound, InboundHooks
 from adapters.matrix.config import MatrixConfig
+from adapters.matrix.inbound import GAP_WATCH, AppserviceInbound
 from gateway.adapter import Inbound, IngestResult, Overloaded
 from tests.services import free_port
 
 
-class Hooks(InboundHooks):
+class Hooks:
+    """Counts the gaps ``AppserviceInbound`` reports through ``on_gap``."""
+
     def __init__(self) -> None:
         self.gaps = 0
 
@@ -51,7 +53,7 @@ async def test_a_skipped_transaction_is_asked_for_first_and_nothing_is_lost_or_r
 
     hooks = Hooks()
     now = [1000.0]
-    inbound = AppserviceInbound(ingest, config, "hub", hooks=hooks, clock=lambda: now[0])
+    inbound = AppserviceInbound(ingest, config, "hub", on_gap=hooks.gap, clock=lambda: now[0])
     app = web.Application()
     app.add_routes(inbound.routes())
     runner = web.AppRunner(app)

@@ -23,9 +23,10 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from adapters.mqtt.adapter import MqttAdapter, PackedProperties
-from adapters.mqtt.client import AckingClient, coalesce, parse_publish
+from adapters.mqtt.adapter import MqttAdapter
 from adapters.mqtt.config import MqttConfig
+from adapters.mqtt.connection import AckingClient, coalesce, parse_publish
+from adapters.mqtt.outbound import PackedProperties
 from gateway import registry
 from gateway.adapter import AdapterContext, Delivery, DeliveryResult, Inbound, IngestResult, Overloaded
 from gateway.runtime import Gateway

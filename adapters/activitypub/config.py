@@ -15,7 +15,7 @@ from typing import Annotated
 
 from msgspec import Meta, Struct
 
-from gateway.config import check_url
+from gateway.kit import check_url
 
 HttpUrl = Annotated[str, Meta(max_length=2048)]
 """A URL, checked by ``gateway.config.check_url`` in ``__post_init__``."""

@@ -33,10 +33,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.errors import DecodeError
-from gateway.netguard import BadURL, parse_url
-from gateway.sanitize import html_to_text
-from gateway.translate import Decoded, Ignored, Item, schema_problem
+from gateway.kit import BadURL, DecodeError, Decoded, Ignored, Item, html_to_text, parse_url, schema_problem
 from schemas.v1 import (
     AccountMove,
     AccountRef,
@@ -135,7 +132,7 @@ PUBLIC_FORMS = frozenset({PUBLIC, "as:Public", "Public"})
 def id_problem(activity: Mapping[str, Any]) -> str | None:
     """Why an id the activity (or an object embedded in it, to three levels)
     names is not a well-formed http(s) URL of at most ``ID_MAX`` characters
-    (``gateway.netguard.parse_url``), as "`field`: reason"; ``None`` if every
+    (the kit's ``parse_url``), as "`field`: reason"; ``None`` if every
     one is. Ids of ``Mention`` tags are checked too."""
     for field, value in _ids_in(activity, "", 3):
         addressing = field.rsplit(".", 1)[-1] in ("to", "cc", "bto", "bcc", "audience")

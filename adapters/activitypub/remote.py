@@ -27,7 +27,7 @@ import orjson
 
 from adapters.activitypub import signatures as sig
 from adapters.activitypub.decode import as_list, id_of
-from gateway.netguard import FetchError, GuardedSession, Signer
+from gateway.kit import FetchError, GuardedSession, Signer
 
 ACCEPT = 'application/activity+json, application/ld+json; profile="https://www.w3.org/ns/activitystreams"'
 CACHE_TTL = 3600.0

@@ -1,11 +1,13 @@
 """Matrix rooms (any Synapse, PubHubs hubs) as groups, through a Matrix
 Application Service (docs/matrix.md). A group is a room id.
 
-The pieces: ``appservice`` takes the homeserver's transactions (checked,
+The pieces: ``inbound`` takes the homeserver's transactions (checked,
 stored before ``200``), ``decode``/``encode`` translate, ``outbound`` sends as
-ghosts, ``client`` is the HTTP side, ``media`` makes attachment links (fetching a
-site's attachment goes through the core's SSRF-guarded ``gateway.netguard``).
-This module joins them and adds what needs I/O around decoding:
+ghosts, ``homeserver`` is the client-server API (HTTP to the homeserver),
+``media`` makes attachment links (fetching a site's attachment goes through
+the kit's SSRF-guarded ``GuardedSession``). This module joins them and adds
+what needs I/O around decoding, handed to ``inbound`` as its ``context``,
+``prepare`` and ``on_gap`` callbacks:
 
 * the event a redaction removes is looked up (a reaction the gateway saw is
   remembered in the adapter's state, because a redacted reaction loses its
@@ -37,16 +39,25 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from adapters.matrix import media
-from adapters.matrix.appservice import AppserviceInbound, InboundHooks, PingError, ping_homeserver
-from adapters.matrix.client import MatrixClient, MatrixError
 from adapters.matrix.config import MatrixConfig
 from adapters.matrix.decode import MatrixDecodeError, PolicyRule, decode_policy_rule, is_ghost
 from adapters.matrix.encode import stand_in_of
+from adapters.matrix.homeserver import MatrixClient, MatrixError, PingError, ping_homeserver
+from adapters.matrix.inbound import AppserviceInbound
 from adapters.matrix.outbound import Outbound
-from gateway.adapter import Adapter, AdapterContext, BanRule, Capabilities, Delivery, DeliveryResult, Inbound
-from gateway.netguard import GuardedSession
-from gateway.metrics import shared_collector
-from gateway.tasks import TaskGroup
+from gateway.kit import (
+    Adapter,
+    AdapterContext,
+    BanRule,
+    Capabilities,
+    Delivery,
+    DeliveryResult,
+    GuardedSession,
+    Inbound,
+    TaskGroup,
+    count_degraded,
+    register_collector,
+)
 from schemas.v1 import Actor, Message
 
 log = logging.getLogger("civic.matrix")
@@ -63,7 +74,7 @@ reactions, when redacted, arrive as a deletion that matches nothing."""
 NAMES_MAX = 100_000
 
 
-class MatrixAdapter(Adapter, InboundHooks):
+class MatrixAdapter(Adapter):
     kind = "matrix"
     Config = MatrixConfig
 
@@ -77,8 +88,10 @@ class MatrixAdapter(Adapter, InboundHooks):
         self.media_key = media.media_key(self.config.hs_token)
         self.media_base = self.config.media_url or self.config.appservice_url
         self.outbound = Outbound(self.client, self.config, self.fetcher, self.media_key, self.media_base,
-                                 on_degrade=lambda reason: ctx.metrics.degraded.labels(f"matrix_{reason}").inc())
-        self.inbound = AppserviceInbound(ctx.ingest, self.config, ctx.name, hooks=self, read_body=ctx.read_body)
+                                 on_degrade=lambda reason: count_degraded(ctx, f"matrix_{reason}"))
+        self.inbound = AppserviceInbound(ctx.ingest, self.config, ctx.name, context=self._context,
+                                         prepare=self._prepare, on_gap=self._ping_after_gap,
+                                         read_body=ctx.read_body)
         self.bot = self.inbound.bot_user
         self._rules: dict[tuple[str, str], PolicyRule] = {}
         self._names: dict[tuple[str, str], str | None] = {}
@@ -86,7 +99,7 @@ class MatrixAdapter(Adapter, InboundHooks):
         self._tasks = TaskGroup()
         self.last_ping: float | None = None
         self.media_served = 0
-        shared_collector(ctx.metrics.registry, "matrix", _Collector).adapters.add(self)
+        register_collector(ctx, "matrix", _Collector).adapters.add(self)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -197,8 +210,8 @@ class MatrixAdapter(Adapter, InboundHooks):
     def policy_rules(self) -> int:
         return len(self._rules)
 
-    # -- around decoding (InboundHooks) ---------------------------------------------------------
-    async def context(self, events: Sequence[Any]) -> Mapping[str, Mapping[str, Any]]:
+    # -- around decoding (``inbound``'s callbacks) --------------------------------------------------
+    async def _context(self, events: Sequence[Any]) -> Mapping[str, Mapping[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         redactions = [e for e in events if isinstance(e, dict) and e.get("type") == "m.room.redaction"
                       and isinstance(e.get("event_id"), str)]
@@ -233,7 +246,7 @@ class MatrixAdapter(Adapter, InboundHooks):
                         out.setdefault(e["event_id"], {})["prev_power_levels"] = prev.get("content") or {}
         return out
 
-    async def prepare(self, events: Sequence[Any], inbound: list[Inbound]) -> list[Inbound]:
+    async def _prepare(self, events: Sequence[Any], inbound: list[Inbound]) -> list[Inbound]:
         remember: dict[str, bytes | None] = {}
         rules_changed = False
         for e in events:
@@ -323,7 +336,7 @@ class MatrixAdapter(Adapter, InboundHooks):
             self._names.clear()
         self._names[(room, user)] = name
 
-    def gap(self) -> None:
+    def _ping_after_gap(self) -> None:
         if not self._gap_ping_due:
             self._gap_ping_due = True
             self._tasks.spawn(self._ping_soon(), f"matrix-{self.name}-gap")

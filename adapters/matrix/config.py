@@ -10,7 +10,7 @@ from typing import Annotated
 
 from msgspec import Meta, Struct
 
-from gateway.config import check_url
+from gateway.kit import check_url
 
 # Matrix grammar (spec, Appendices: identifier grammar): a user localpart is
 # made of a-z 0-9 . _ = - / + ; a server name is a host name, an IPv4 address

@@ -45,12 +45,9 @@ from urllib.parse import unquote
 
 import msgspec
 
-from gateway.adapter import Inbound
-from gateway.errors import DecodeError
-from gateway.ids import EventId, GroupId, PlatformName
-from gateway import translate
+from gateway import kit
+from gateway.kit import DecodeError, EventId, GroupId, Ignored, Inbound, Item, PlatformName, schema_problem
 from schemas.cloudevents import LATEST_TIME
-from gateway.translate import Ignored, Item, schema_problem
 from schemas.v1 import (
     Actor,
     Attachment,
@@ -104,7 +101,7 @@ class MatrixDecodeError(DecodeError):
         self.reason = reason
 
 
-class Decoded(translate.Decoded, frozen=True, kw_only=True):
+class Decoded(kit.Decoded, frozen=True, kw_only=True):
     """What one Matrix event means, in its room and at its time."""
 
     group: str

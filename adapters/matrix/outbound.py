@@ -23,13 +23,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from adapters.matrix import encode
-from adapters.matrix.client import MatrixClient, MatrixError, delivery_error
+from adapters.matrix.homeserver import MatrixClient, MatrixError, delivery_error
 from adapters.matrix.config import MatrixConfig
 from adapters.matrix.decode import is_ghost
 from adapters.matrix.media import mxc_of_public
-from gateway.adapter import Delivery
-from gateway.errors import PermanentDeliveryError, TransientDeliveryError
-from gateway.netguard import FetchError, GuardedSession
+from gateway.kit import Delivery, FetchError, GuardedSession, PermanentDeliveryError, TransientDeliveryError
 from schemas.v1 import (
     AccountMove,
     Actor,

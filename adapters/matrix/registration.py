@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 from adapters.matrix.config import MatrixConfig
+from gateway.kit import PlatformCommand
 
 
 def user_regex(config: MatrixConfig) -> str:
@@ -88,7 +89,7 @@ def registration_yaml(config: MatrixConfig, platform: str | None = None) -> str:
 class RegistrationCommand:
     """``civic-gateway matrix registration``: the hook the CLI calls with one
     ``kind = "matrix"`` platform's validated settings (see
-    ``gateway.registry.PlatformCommand``)."""
+    ``gateway.kit.PlatformCommand``)."""
 
     Config = MatrixConfig
     help = "write the appservice registration YAML for the homeserver's app_service_config_files"
@@ -98,4 +99,4 @@ class RegistrationCommand:
         return registration_yaml(config, platform)
 
 
-COMMAND = RegistrationCommand()
+COMMAND: PlatformCommand = RegistrationCommand()

@@ -7,7 +7,7 @@ from urllib.parse import unquote
 
 from msgspec import Meta, Struct
 
-from gateway.config import check_url
+from gateway.kit import check_url
 
 MAX_MQTT_PAYLOAD = 268_435_455
 """The largest packet MQTT can carry at all."""

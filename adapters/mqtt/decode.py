@@ -18,9 +18,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.adapter import Inbound
-from gateway.errors import DecodeError
-from gateway.ids import EventId, GroupId, PlatformName
+from gateway.kit import DecodeError, EventId, GroupId, Inbound, PlatformName
 from schemas.cloudevents import (
     BATCH_CONTENT_TYPE,
     BY_TYPE,

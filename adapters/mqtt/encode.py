@@ -10,7 +10,7 @@ from typing import Literal
 import msgspec
 
 from adapters.mqtt.decode import InputError
-from gateway.adapter import Delivery
+from gateway.kit import Delivery
 from schemas.cloudevents import BATCH_CONTENT_TYPE, BY_TYPE, CONTENT_TYPE, format_time
 
 """Every node of a gateway subscribes in this shared-subscription group, so each message is taken once."""

@@ -21,9 +21,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from adapters.mqtt import decode, encode
-from adapters.mqtt.client import AckingClient
+from adapters.mqtt.connection import AckingClient
 from adapters.mqtt.config import MqttConfig
-from gateway.adapter import AdapterContext, Inbound, IngestResult, Overloaded
+from gateway.kit import AdapterContext, Inbound, IngestResult, Overloaded, count_decode_error, count_overloaded
 
 log = logging.getLogger("civic.mqtt")
 
@@ -50,7 +50,7 @@ async def take(ctx: AdapterContext, config: MqttConfig, client: AckingClient,
         try:
             events.extend(decode.decode(ctx.name, received(message), config.max_payload, now))
         except decode.InputError as err:
-            ctx.metrics.decode_errors.labels(ctx.name, str(err.status)).inc()
+            count_decode_error(ctx, err.status)
             await report(client, config, ctx.name, message, err)
     if events:
         await store(ctx, events)
@@ -70,7 +70,7 @@ async def store(ctx: AdapterContext, events: list[Inbound]) -> IngestResult:
         try:
             return await asyncio.shield(attempt)
         except Overloaded as exc:
-            ctx.metrics.overloaded.labels(ctx.name, str(exc.status)).inc()
+            count_overloaded(ctx, exc.status)
             log.info("%s: gateway overloaded (%s); taking %d events again in %d s",
                      ctx.name, exc, len(events), exc.retry_after)
             await asyncio.sleep(exc.retry_after)

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from adapters.webhook import server
-from adapters.webhook.client import WebhookClient
+from adapters.webhook import inbound
 from adapters.webhook.config import WebhookConfig
-from gateway.adapter import Adapter, AdapterContext, Capabilities, Delivery, DeliveryResult
+from adapters.webhook.outbound import WebhookClient
+from gateway.kit import Adapter, AdapterContext, Capabilities, Delivery, DeliveryResult
 
 
 class WebhookAdapter(Adapter):
@@ -36,7 +36,7 @@ class WebhookAdapter(Adapter):
         await self.client.close()
 
     async def handle_events(self, request: web.Request) -> web.StreamResponse:
-        return await server.handle(self.ctx, self.config, request)
+        return await inbound.handle(self.ctx, self.config, request)
 
     async def deliver(self, batch: Sequence[Delivery]) -> DeliveryResult:
         return await self.client.send(batch)

@@ -7,7 +7,7 @@ from typing import Annotated
 from msgspec import Meta, Struct
 
 from adapters.webhook.signing import secret_key
-from gateway.config import check_url
+from gateway.kit import check_url
 
 
 class WebhookConfig(Struct, forbid_unknown_fields=True, kw_only=True, dict=True):

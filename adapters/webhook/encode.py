@@ -9,9 +9,7 @@ from email.utils import parsedate_to_datetime
 import msgspec
 
 from adapters.webhook.signing import sign
-from gateway.adapter import Delivery, DeliveryResult
-from gateway.errors import PermanentDeliveryError, TransientDeliveryError
-from gateway.ids import NativeId
+from gateway.kit import Delivery, DeliveryResult, NativeId, PermanentDeliveryError, TransientDeliveryError
 from schemas.cloudevents import BATCH_CONTENT_TYPE, BY_TYPE, CONTENT_TYPE, CloudEventBase
 
 _encode = msgspec.json.Encoder().encode

@@ -1,5 +1,6 @@
 """Gateway -> homeserver: the client-server API calls the appservice makes,
-with its ``as_token``, as its bot or (``?user_id=``) as one of its ghosts.
+with its ``as_token``, as its bot or (``?user_id=``) as one of its ghosts,
+and ``ping_homeserver``, which asks the homeserver to call our ``/ping``.
 
 Every failure becomes ``MatrixError`` with the homeserver's ``errcode``, and
 ``delivery_error`` turns one into what the delivery worker understands: rate
@@ -24,7 +25,7 @@ import aiohttp
 import orjson
 
 from adapters.matrix.config import MatrixConfig
-from gateway.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from gateway.kit import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 
 log = logging.getLogger("civic.matrix")
 
@@ -270,3 +271,53 @@ def _event_id(done: Any) -> str:
     if not isinstance(event_id, str):
         raise MatrixError(502, None, f"the homeserver answered no event_id: {done!r}")
     return event_id
+
+
+# -- ask the homeserver to ping us ------------------------------------------------
+class PingError(RuntimeError):
+    """The homeserver could not reach the gateway (or refused our ``as_token``).
+
+    ``status`` and ``errcode`` are the homeserver's answer (``status`` 0 when
+    the homeserver itself was unreachable), e.g. 502 ``M_BAD_STATUS`` when our
+    route answered an error, 502 ``M_CONNECTION_FAILED``, 504
+    ``M_CONNECTION_TIMEOUT``, 400 ``M_URL_NOT_SET``, 403 ``M_FORBIDDEN``."""
+
+    def __init__(self, status: int, errcode: str | None, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.errcode = errcode
+
+
+async def ping_homeserver(session: aiohttp.ClientSession, config: MatrixConfig, *,
+                          transaction_id: str | None = None, timeout: float = 30.0) -> float:
+    """``POST /_matrix/client/v1/appservice/{id}/ping`` with the ``as_token``:
+    the homeserver calls our ``/ping`` route and answers with the round trip,
+    returned here in seconds. It also makes the homeserver retry at once the
+    transactions it holds for us (Synapse), so call it at start-up.
+
+    Raises ``PingError`` saying what went wrong."""
+    url = f"{config.homeserver}/_matrix/client/v1/appservice/{quote(config.id, safe='')}/ping"
+    body = {"transaction_id": transaction_id} if transaction_id is not None else {}
+    try:
+        async with session.post(url, json=body, headers={"Authorization": f"Bearer {config.as_token}"},
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            raw = await resp.read()
+            status = resp.status
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise PingError(0, None, f"homeserver {config.homeserver} unreachable: {type(exc).__name__}: {exc}") from exc
+    try:
+        answer = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError:
+        answer = {}
+    answer = answer if isinstance(answer, dict) else {}
+    if status != 200:
+        errcode = answer.get("errcode") if isinstance(answer.get("errcode"), str) else None
+        detail = answer.get("error") or raw[:200].decode(errors="replace")
+        if errcode == "M_BAD_STATUS":
+            detail = f"{detail} (our route answered HTTP {answer.get('status')}: {answer.get('body')})"
+        raise PingError(status, errcode, f"ping of appservice {config.id!r} via {config.homeserver} failed: "
+                                         f"HTTP {status} {errcode or ''} {detail}".rstrip())
+    duration = answer.get("duration_ms")
+    if not isinstance(duration, (int, float)) or isinstance(duration, bool):
+        raise PingError(status, None, f"the homeserver's ping answer has no duration_ms: {answer!r}")
+    return float(duration) / 1000.0

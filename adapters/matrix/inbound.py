@@ -1,5 +1,5 @@
 """Matrix -> gateway over the Application Service API: the routes the homeserver
-calls on the gateway, and the client call that asks it to ping us.
+calls on the gateway (the call that asks it to ping us is in ``homeserver``).
 
 ``AppserviceInbound`` serves, under the path of ``appservice_url`` (the
 homeserver appends ``/_matrix/app/v1/...`` to that URL):
@@ -31,7 +31,7 @@ homeserver appends ``/_matrix/app/v1/...`` to that URL):
 Every route checks ``Authorization: Bearer <hs_token>`` (spec since v1.4,
 MSC2832) in constant time: no credentials -> ``401 M_UNAUTHORIZED``, wrong
 ones -> ``403 M_FORBIDDEN``, and nothing is read or stored. Only then is a
-body read, through the gateway's shared reader (``gateway.intake``, the
+body read, through the gateway's shared reader (the kit's ``BodyReader``, the
 ``read_body`` argument): ``413 M_TOO_LARGE`` over ``MAX_BODY``, ``408``
 when it does not arrive within ``[gateway] body_timeout``, ``503`` with
 ``Retry-After`` when too many bodies are being received at once. The deprecated
@@ -52,19 +52,16 @@ import hmac
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 from aiohttp import web
 
 from adapters.matrix.config import MatrixConfig
 from adapters.matrix.decode import Decoded, MatrixDecodeError, check_envelope, decode_event
-from gateway.adapter import Inbound, Ingest, IngestResult, Overloaded
-from gateway.ids import PlatformName
-from gateway.intake import BodyError, BodyReader
+from gateway.kit import BodyError, BodyReader, Inbound, Ingest, IngestResult, Overloaded, PlatformName
 
 log = logging.getLogger("civic.matrix")
 
@@ -90,19 +87,43 @@ def _ok() -> web.Response:
     return web.Response(body=b"{}", status=200, content_type="application/json")
 
 
+Context = Callable[[Sequence[Any]], Awaitable[Mapping[str, Mapping[str, Any]]]]
+"""Extra ``decode_event`` arguments by event id, e.g. the event a redaction
+removes (I/O the pure codec cannot do). Gets only screened events."""
+Prepare = Callable[[Sequence[Any], list[Inbound]], Awaitable[list[Inbound]]]
+"""Called after decoding and before storing, with the screened events and
+what they decoded to: remember, rewrite or react; returns what to store."""
+
+
+async def _no_context(events: Sequence[Any]) -> Mapping[str, Mapping[str, Any]]:
+    return {}
+
+
+async def _as_decoded(events: Sequence[Any], inbound: list[Inbound]) -> list[Inbound]:
+    return inbound
+
+
 class AppserviceInbound:
     """The homeserver -> gateway half of one ``kind = "matrix"`` platform.
 
     ``ingest`` is ``AdapterContext.ingest``; ``prefix`` the path the routes
     live under (by default the path of ``config.appservice_url``, e.g.
-    ``/v1/platforms/hub``: set it when a reverse proxy rewrites paths)."""
+    ``/v1/platforms/hub``: set it when a reverse proxy rewrites paths).
+    What the adapter adds around decoding is passed in, never looked up on
+    an owner: ``context`` and ``prepare`` (see ``Context``, ``Prepare``; by
+    default they add nothing), and ``on_gap``, called when a transaction was
+    refused because an older one is missing (e.g. to ping the homeserver
+    soon, which makes it retry at once)."""
 
     def __init__(self, ingest: Ingest, config: MatrixConfig, platform: str, *, prefix: str | None = None,
-                 completed_max: int = COMPLETED_TXNS, hooks: "InboundHooks | None" = None,
+                 completed_max: int = COMPLETED_TXNS, context: Context = _no_context,
+                 prepare: Prepare = _as_decoded, on_gap: Callable[[], None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic, read_body: BodyReader | None = None) -> None:
         self.ingest = ingest
         self.read_body = read_body or BodyReader()
-        self.hooks = hooks
+        self.context = context
+        self.prepare = prepare
+        self.on_gap = on_gap
         self.clock = clock
         self.config = config
         self.platform = PlatformName(platform)
@@ -165,8 +186,7 @@ class AppserviceInbound:
             self.gaps += 1
             log.warning("%s: transaction %s came before %s; asking the homeserver to send the older one first",
                         self.platform, txn_id, self._last_number + 1 if self._last_number is not None else "?")
-            if self.hooks is not None:
-                self.hooks.gap()
+            self.on_gap()
             return _error(503, "M_UNKNOWN", "an older transaction is missing: send it first",
                           headers={"Retry-After": "1"})
         try:
@@ -176,13 +196,10 @@ class AppserviceInbound:
         events = body.get("events") if isinstance(body, dict) else None
         if not isinstance(events, list):
             return _error(400, "M_BAD_JSON", "`events`: expected a list")
-        events = self.screen(events)  # what the hooks and the decoder may read safely
-        contexts: Mapping[str, Mapping[str, Any]] = {}
-        if self.hooks is not None:
-            contexts = await self.hooks.context(events)
+        events = self.screen(events)  # what ``context``, ``prepare`` and the decoder may read safely
+        contexts = await self.context(events)
         inbound = self.decode_events(events, now=time.time(), contexts=contexts)
-        if self.hooks is not None:
-            inbound = await self.hooks.prepare(events, inbound)
+        inbound = await self.prepare(events, inbound)
         if inbound:
             try:
                 await self._store(inbound)
@@ -323,23 +340,6 @@ class AppserviceInbound:
             raise _BadRequest(400, "M_NOT_JSON", "the body is not JSON") from None
 
 
-class InboundHooks:
-    """What the adapter adds around decoding (I/O the pure codec cannot do).
-    The defaults do nothing."""
-
-    async def context(self, events: Sequence[Any]) -> Mapping[str, Mapping[str, Any]]:
-        """Extra ``decode_event`` arguments by event id, e.g. the event a redaction removes."""
-        return {}
-
-    async def prepare(self, events: Sequence[Any], inbound: list[Inbound]) -> list[Inbound]:
-        """Called after decoding and before storing: remember, rewrite or react."""
-        return inbound
-
-    def gap(self) -> None:
-        """A transaction was refused because an older one is missing: e.g. ping
-        the homeserver soon, which makes it retry at once."""
-
-
 class _BadRequest(Exception):
     def __init__(self, status: int, errcode: str, message: str, *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
@@ -352,53 +352,3 @@ def _observe(task: asyncio.Future[IngestResult]) -> None:
     """Retrieve the outcome of an ingest nobody awaits any more."""
     if not task.cancelled():
         task.exception()
-
-
-# -- the client side: ask the homeserver to ping us ------------------------------------------------
-class PingError(RuntimeError):
-    """The homeserver could not reach the gateway (or refused our ``as_token``).
-
-    ``status`` and ``errcode`` are the homeserver's answer (``status`` 0 when
-    the homeserver itself was unreachable), e.g. 502 ``M_BAD_STATUS`` when our
-    route answered an error, 502 ``M_CONNECTION_FAILED``, 504
-    ``M_CONNECTION_TIMEOUT``, 400 ``M_URL_NOT_SET``, 403 ``M_FORBIDDEN``."""
-
-    def __init__(self, status: int, errcode: str | None, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.errcode = errcode
-
-
-async def ping_homeserver(session: aiohttp.ClientSession, config: MatrixConfig, *,
-                          transaction_id: str | None = None, timeout: float = 30.0) -> float:
-    """``POST /_matrix/client/v1/appservice/{id}/ping`` with the ``as_token``:
-    the homeserver calls our ``/ping`` route and answers with the round trip,
-    returned here in seconds. It also makes the homeserver retry at once the
-    transactions it holds for us (Synapse), so call it at start-up.
-
-    Raises ``PingError`` saying what went wrong."""
-    url = f"{config.homeserver}/_matrix/client/v1/appservice/{quote(config.id, safe='')}/ping"
-    body = {"transaction_id": transaction_id} if transaction_id is not None else {}
-    try:
-        async with session.post(url, json=body, headers={"Authorization": f"Bearer {config.as_token}"},
-                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            raw = await resp.read()
-            status = resp.status
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        raise PingError(0, None, f"homeserver {config.homeserver} unreachable: {type(exc).__name__}: {exc}") from exc
-    try:
-        answer = orjson.loads(raw) if raw else {}
-    except orjson.JSONDecodeError:
-        answer = {}
-    answer = answer if isinstance(answer, dict) else {}
-    if status != 200:
-        errcode = answer.get("errcode") if isinstance(answer.get("errcode"), str) else None
-        detail = answer.get("error") or raw[:200].decode(errors="replace")
-        if errcode == "M_BAD_STATUS":
-            detail = f"{detail} (our route answered HTTP {answer.get('status')}: {answer.get('body')})"
-        raise PingError(status, errcode, f"ping of appservice {config.id!r} via {config.homeserver} failed: "
-                                         f"HTTP {status} {errcode or ''} {detail}".rstrip())
-    duration = answer.get("duration_ms")
-    if not isinstance(duration, (int, float)) or isinstance(duration, bool):
-        raise PingError(status, None, f"the homeserver's ping answer has no duration_ms: {answer!r}")
-    return float(duration) / 1000.0

@@ -22,10 +22,15 @@ from aiohttp import web
 from adapters.webhook import decode
 from adapters.webhook.config import WebhookConfig
 from adapters.webhook.signing import SignatureError, check_headers, verify
-from gateway.adapter import AdapterContext, Overloaded
-from gateway.errors import DecodeError
-from gateway.intake import BodyError
-from gateway.problem import problem
+from gateway.kit import (
+    AdapterContext,
+    BodyError,
+    DecodeError,
+    Overloaded,
+    count_decode_error,
+    count_overloaded,
+    problem,
+)
 
 _KIND = {401: "bad-signature", 408: "body-timeout", 413: "body-too-large", 415: "unsupported-media-type",
          503: "busy"}
@@ -48,7 +53,7 @@ async def handle(ctx: AdapterContext, config: WebhookConfig, request: web.Reques
             raise DecodeError(str(exc), status=exc.status, headers=exc.headers) from None
         events = decode.decode_body(request.content_type, body)
     except DecodeError as exc:
-        ctx.metrics.decode_errors.labels(platform, str(exc.status)).inc()
+        count_decode_error(ctx, exc.status)
         kind = _KIND.get(exc.status) or ("malformed-json" if str(exc).startswith("malformed JSON")
                                          else "invalid-event")
         return problem(exc.status, str(exc), kind, headers=exc.headers, index=exc.index, field=exc.field)
@@ -56,7 +61,7 @@ async def handle(ctx: AdapterContext, config: WebhookConfig, request: web.Reques
     try:
         result = await ctx.ingest(inbound)
     except Overloaded as exc:
-        ctx.metrics.overloaded.labels(platform, str(exc.status)).inc()
+        count_overloaded(ctx, exc.status)
         return problem(exc.status, str(exc), "busy", headers={"Retry-After": str(exc.retry_after)})
     answer: dict[str, object] = {"accepted": result.accepted, "duplicates": result.duplicates}
     # Stored but not relayed, and why (e.g. "unlinked": no link names the group): a site sees its mistake.

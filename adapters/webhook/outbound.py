@@ -10,8 +10,7 @@ import aiohttp
 
 from adapters.webhook import encode
 from adapters.webhook.config import WebhookConfig
-from gateway.adapter import Delivery, DeliveryResult
-from gateway.errors import TransientDeliveryError
+from gateway.kit import Delivery, DeliveryResult, TransientDeliveryError
 
 
 class WebhookClient:
