@@ -24,7 +24,7 @@ from aiohttp import web
 from adapters.fake import encode, inbound
 from adapters.fake.config import FakeConfig
 from adapters.fake.outbound import FakePlatform
-from gateway.adapter import Adapter, AdapterContext, Capabilities, Delivery, DeliveryResult, IngestResult
+from gateway.kit import Adapter, AdapterContext, Capabilities, Delivery, DeliveryResult, IngestResult
 
 
 class FakeAdapter(Adapter):

@@ -21,9 +21,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.adapter import Inbound
-from gateway.errors import DecodeError
-from gateway.ids import EventId, GroupId, PlatformName
+from gateway.kit import DecodeError, EventId, GroupId, Inbound, PlatformName
 from schemas.v1 import EVENT_TYPES
 
 OPS: dict[str, str] = {

@@ -20,7 +20,7 @@ import msgspec
 
 from adapters.fake.config import FakeConfig
 from adapters.fake.decode import OPS, POST_FIELDS
-from gateway.adapter import Capabilities, Delivery
+from gateway.kit import Capabilities, Delivery
 from schemas.v1 import Message
 
 TYPES = {type_: op for op, type_ in OPS.items()}

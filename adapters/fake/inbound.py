@@ -17,10 +17,7 @@ import orjson
 from aiohttp import web
 
 from adapters.fake import decode
-from gateway.adapter import AdapterContext, IngestResult, Overloaded
-from gateway.errors import DecodeError
-from gateway.intake import BodyError
-from gateway.problem import problem
+from gateway.kit import AdapterContext, BodyError, DecodeError, IngestResult, Overloaded, problem
 
 MAX_BODY = 1024 * 1024
 

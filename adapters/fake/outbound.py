@@ -15,9 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from adapters.fake import encode
-from gateway.adapter import Capabilities, Delivery, DeliveryResult
-from gateway.errors import PermanentDeliveryError, TransientDeliveryError
-from gateway.ids import NativeId
+from gateway.kit import Capabilities, Delivery, DeliveryResult, NativeId, PermanentDeliveryError, TransientDeliveryError
 
 
 class FakePlatform:
