@@ -31,7 +31,7 @@ from gateway.ids import PlatformName
 from gateway.intake import BodyReader, release_memory
 from gateway.metrics import Metrics
 from gateway.pipeline import ECHO_WINDOW, Pipeline
-from gateway.policy import BanRules
+from gateway.policy import Policy
 from gateway.problem import problem, problem_middleware
 from gateway.router import Router
 from gateway.store import Store, open_store
@@ -72,8 +72,8 @@ class Gateway:
         self.adapters: dict[PlatformName, Adapter] = {}
         self.read_body = BodyReader(self.settings.body_budget, self.settings.body_timeout, self.metrics)
         self.pipeline: Pipeline | None = None
-        self._ban_rules: dict[PlatformName, tuple[BanRule, ...]] = {}
-        self._ban_matcher: BanRules | None = None
+        self.policy = Policy()
+        """Bans, consent and imported ban rules (``gateway.policy.state``), shared with the pipeline."""
         self.platform_state: dict[PlatformName, tuple[bool, str]] = {}
         """Per platform: (up, why not), as its adapter last reported (``AdapterContext.set_up``)."""
         self._unlinked_warned: set[tuple[str, str]] = set()
@@ -129,7 +129,7 @@ class Gateway:
         # 14k -> 9k msg/s under py-spy); nh3 takes about 4 us a message.
         prepared = [pipeline.prepare(e) for e in events]
         try:
-            outcomes = await self.store.transact(lambda tx: [pipeline.apply(tx, e) for e in prepared])
+            outcomes = await self.store.transact(lambda tx: pipeline.apply_all(tx, prepared))
         except StoreUnavailable as exc:  # not stored (or, cut at its commit, stored once: a retry is a duplicate)
             pipeline.invalidate()
             raise Overloaded(503, STORE_RETRY_AFTER, f"the gateway's database is unreachable ({exc}); "
@@ -137,6 +137,7 @@ class Gateway:
         except Exception:
             pipeline.invalidate()
             raise
+        pipeline.commit(outcomes)  # only now: a failed commit leaves bans and consent as they were
         accepted = duplicates = 0
         counts: Counter[tuple[str, str, str]] = Counter()
         items = []
@@ -205,10 +206,9 @@ class Gateway:
     async def start(self) -> None:
         await self.store.open()
         key = await self.store.setting("ghost_key", lambda: os.urandom(32).hex())
-        bans = await self.store.bans()
+        await self.policy.reload(self.store)  # keeps the ban rules adapters set before there was a pipeline
         self.pipeline = Pipeline(self.router, {n: a.capabilities for n, a in self.adapters.items()},
-                                 bytes.fromhex(key), bans, await self.store.withdrawn())
-        self.pipeline.set_ban_rules(self._ban_matcher)  # what adapters set before there was a pipeline
+                                 bytes.fromhex(key), self.policy)
         self.store.on_retry = self.pipeline.invalidate
         self.metrics.dead_letters.set(await self.store.dead_letter_count())
         await self._refresh_depth()
@@ -246,16 +246,10 @@ class Gateway:
         ``ctx.set_ban_rules`` calls). The rules of every platform together apply
         to what enters from any platform, from the next event on."""
         rules = tuple(rules)
-        matcher = BanRules(r for rs in {**self._ban_rules, platform: rules}.values() for r in rs)  # checks kinds
-        if rules:
-            self._ban_rules[platform] = rules
-        else:
-            self._ban_rules.pop(platform, None)
-        self._ban_matcher = matcher if matcher else None
-        if self.pipeline is not None:
-            self.pipeline.set_ban_rules(self._ban_matcher)
+        state = self.policy.set_rules(platform, rules)  # checks kinds before anything changes
         self.metrics.ban_rules.labels(platform).set(len(rules))
-        log.info("platform %s now contributes %d ban rules (%d in all)", platform, len(rules), len(matcher),
+        log.info("platform %s now contributes %d ban rules (%d in all)", platform, len(rules),
+                 len(state.ban_rules or ()),
                  extra={"platform": platform, "ban_rules": len(rules)})
 
     def _leads(self, key: str) -> bool:
@@ -276,9 +270,7 @@ class Gateway:
         """Another node changed bans, consent or account mappings: take the store's."""
         if self.pipeline is None:
             return
-        bans, withdrawn = await self.store.bans(), await self.store.withdrawn()
-        self.pipeline.bans = bans
-        self.pipeline.withdrawn = withdrawn
+        await self.policy.reload(self.store)  # a fresh PolicyState
         self.pipeline.invalidate()
 
     async def _reload_state_now_and_then(self) -> None:
