@@ -24,7 +24,6 @@ from gateway.pipeline.fanout import Outcome, Skip, enqueue, fan_out
 from gateway.policy.chain import EventContext
 from gateway.policy.state import Ban, Consent, Effect, PolicyState
 from gateway.router import Route, Router
-from gateway.store.base import Tx
 from schemas.v1 import (
     EVENT_TYPES,
     AccountMove,
