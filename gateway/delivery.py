@@ -23,14 +23,13 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import msgspec
-from msgspec.structs import replace
 
 from gateway.adapter import Adapter, Delivery
 from gateway.errors import PermanentDeliveryError, TransientDeliveryError, UnencodableEvent
-from gateway.ids import MESSAGE, GroupRef, NativeId, PlatformName
+from gateway.idmap import Completion
+from gateway.ids import GroupRef, NativeId, PlatformName
 from gateway.metrics import Metrics
 from gateway.store.base import Mapping, OutboxItem, Store, StoreUnavailable
 from gateway.tasks import TaskGroup
@@ -43,8 +42,6 @@ COMPLETION_RETRY = 1.0
 BASE_DELAY = 0.5
 RETRY_WARN_AFTER = 5
 """Failed attempts of one batch logged at INFO; from this many on, at WARNING."""
-COPY_CACHE_MAX = 200_000
-_REF_FIELDS = ("id", "reply_to", "thread", "message")
 UNENCODABLE = (ValueError, OverflowError, TypeError, msgspec.MsgspecError)
 """What an encoder raises for an event it cannot write (a time out of range, a
 stored payload that no longer decodes): the same every time, so not retried.
@@ -127,7 +124,7 @@ class DeliveryEngine:
         self.clock = clock
         self._queues: dict[GroupRef, _Queue] = {}
         self._completions = _Completions(store, tasks)
-        self._copies: dict[tuple[str, str, str], NativeId] = {}
+        self._ids = Completion(store)  # the id map's delivery-time half
         self._stopping = False
         self._wake = asyncio.Event()
         self.owns: Callable[[GroupRef], bool] | None = None
@@ -307,14 +304,7 @@ class DeliveryEngine:
         for _ in batch:
             q.items.popleft()
         q.done_seq = batch[-1].seq
-        maps = []
-        for sent, native in native_ids.items():
-            if not isinstance(native, str) or not native or sent == native:
-                continue
-            maps.append(Mapping(platform, q.target.group, MESSAGE, NativeId(native), sent))  # type: ignore[arg-type]
-            if len(self._copies) > COPY_CACHE_MAX:
-                self._copies.clear()
-            self._copies[(platform, q.target.group, sent)] = NativeId(native)
+        maps = self._ids.learned(q.target, native_ids)
         self._completions.add([i.seq for i in batch], maps)
         hist = self.metrics.latency.labels(platform)
         types: dict[str, int] = {}
@@ -342,36 +332,11 @@ class DeliveryEngine:
         self.metrics.dead_letters.inc()
 
     async def _prepare(self, batch: list[OutboxItem]) -> list[Delivery]:
-        """Decode payloads and swap in target ids that became known after enqueueing."""
-        want: set[str] = set()
-        for item in batch:
-            if item.pending:
-                want.update(item.pending.split())
-        found: dict[str, str] = {}
-        if want:
-            target = batch[0].target
-            missing = []
-            for c in want:
-                hit = self._copies.get((target.platform, target.group, c))
-                if hit is not None:
-                    found[c] = hit
-                else:
-                    missing.append(c)
-            if missing:
-                rows = await self.store.natives(target.platform, target.group, MESSAGE, missing)
-                for c, (native, _how) in rows.items():
-                    found[c] = native
-        out = []
-        for item in batch:
-            payload: Any = item.payload()
-            if item.pending and found:
-                changes = {f: found[v] for f in _REF_FIELDS
-                           if isinstance(v := getattr(payload, f, None), str) and v in found}
-                if changes:
-                    payload = replace(payload, **changes)
-            out.append(Delivery(item.event_id, item.target.group, item.type, payload,
-                                item.occurred if item.occurred is not None else item.created, item.origin))
-        return out
+        """The batch as the adapter takes it, target ids completed by the id map."""
+        payloads = await self._ids.payloads(batch)
+        return [Delivery(item.event_id, item.target.group, item.type, payload,
+                         item.occurred if item.occurred is not None else item.created, item.origin)
+                for item, payload in zip(batch, payloads)]
 
 
 def _permanent_reason(exc: Exception, target: GroupRef) -> str:

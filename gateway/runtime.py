@@ -32,7 +32,7 @@ from gateway.ingress import Ingress
 from gateway.intake import BodyReader
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
-from gateway.policy import BanRules
+from gateway.policy import Policy
 from gateway.router import Router
 from gateway.store import Store, open_store
 from gateway.store.base import OutboxItem
@@ -60,8 +60,8 @@ class Gateway:
         self.adapters: dict[PlatformName, Adapter] = {}
         self.read_body = BodyReader(self.settings.body_budget, self.settings.body_timeout, self.metrics)
         self.ingress = Ingress(self.store, self.metrics, self.settings, self.hand_over)
-        self._ban_rules: dict[PlatformName, tuple[BanRule, ...]] = {}
-        self._ban_matcher: BanRules | None = None
+        self.policy = Policy()
+        """Bans, consent and imported ban rules (``gateway.policy.state``), shared with the pipeline."""
         self.platform_state: dict[PlatformName, tuple[bool, str]] = {}
         """Per platform: (up, why not), as its adapter last reported (``AdapterContext.set_up``)."""
         for name, pc in config.platforms.items():
@@ -138,10 +138,9 @@ class Gateway:
     async def start(self) -> None:
         await self.store.open()
         key = await self.store.setting("ghost_key", lambda: os.urandom(32).hex())
-        bans = await self.store.bans()
+        await self.policy.reload(self.store)  # keeps the ban rules adapters set before there was a pipeline
         self.pipeline = Pipeline(self.router, {n: a.capabilities for n, a in self.adapters.items()},
-                                 bytes.fromhex(key), bans, await self.store.withdrawn())
-        self.pipeline.set_ban_rules(self._ban_matcher)  # what adapters set before there was a pipeline
+                                 bytes.fromhex(key), self.policy)
         self.store.on_retry = self.pipeline.invalidate
         self.metrics.dead_letters.set(await self.store.dead_letter_count())
         await self.housekeeping.refresh_depth()
@@ -187,16 +186,10 @@ class Gateway:
         ``ctx.set_ban_rules`` calls). The rules of every platform together apply
         to what enters from any platform, from the next event on."""
         rules = tuple(rules)
-        matcher = BanRules(r for rs in {**self._ban_rules, platform: rules}.values() for r in rs)  # checks kinds
-        if rules:
-            self._ban_rules[platform] = rules
-        else:
-            self._ban_rules.pop(platform, None)
-        self._ban_matcher = matcher if matcher else None
-        if self.pipeline is not None:
-            self.pipeline.set_ban_rules(self._ban_matcher)
+        state = self.policy.set_rules(platform, rules)  # checks kinds before anything changes
         self.metrics.ban_rules.labels(platform).set(len(rules))
-        log.info("platform %s now contributes %d ban rules (%d in all)", platform, len(rules), len(matcher),
+        log.info("platform %s now contributes %d ban rules (%d in all)", platform, len(rules),
+                 len(state.ban_rules or ()),
                  extra={"platform": platform, "ban_rules": len(rules)})
 
     def _leads(self, key: str) -> bool:
@@ -217,7 +210,5 @@ class Gateway:
         """Another node changed bans, consent or account mappings: take the store's."""
         if self.pipeline is None:
             return
-        bans, withdrawn = await self.store.bans(), await self.store.withdrawn()
-        self.pipeline.bans = bans
-        self.pipeline.withdrawn = withdrawn
+        await self.policy.reload(self.store)  # a fresh PolicyState
         self.pipeline.invalidate()

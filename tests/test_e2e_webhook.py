@@ -336,8 +336,7 @@ async def test_an_echo_is_recognised_by_a_node_that_did_not_send_the_original(ne
 
     class ForgetfulNode(Sender):  # the echo reaches a node that remembers nothing
         async def send(self, events, **kw):  # type: ignore[no-untyped-def, override]
-            pipeline._sent_now.clear()
-            pipeline._sent_before.clear()
+            pipeline.echoes.forget()
             return await super().send(events, **kw)
 
     b.echo_to = ForgetfulNode(net3.url, "b", b.secret)

@@ -55,7 +55,7 @@ BREAKS = re.compile(r"[\r\n\t\u2028\u2029]")
 
 
 def pipeline(now: float = 1_700_000_000.0) -> Pipeline:
-    return Pipeline(Router([]), {}, b"k" * 32, set(), clock=lambda: now)
+    return Pipeline(Router([]), {}, b"k" * 32, clock=lambda: now)
 
 
 def inbound(payload: Any, etype: str = "civic.message.created", t: float = 1_700_000_000.0) -> Inbound:

@@ -11,7 +11,7 @@ import pytest
 from gateway.adapter import AdapterContext, BanRule, MemoryState
 from gateway.runtime import Gateway
 from gateway.config import parse
-from gateway.policy import BanRules, glob_pattern, server_of
+from gateway.policy.banrules import BanRules, glob_pattern, server_of
 from tests.conftest import start_net, stop_net
 from tests.sitekit import Site, free_port, new_secret, wait_for
 from tests.test_e2e_webhook import msg
@@ -176,7 +176,7 @@ async def test_ban_rules_from_one_platform_drop_what_any_platform_brings(tmp_pat
     try:
         site_a, sb = net.sites["a"], net.senders["b"]
         gw = net.gw
-        assert gw.pipeline is not None and gw.pipeline.ban_rules is None
+        assert gw.pipeline is not None and gw.pipeline.state.ban_rules is None
         gw.adapters["a"].ctx.set_ban_rules([BanRule("user", "spammer*", "spam", "policy-room")])
         assert gw.metrics.ban_rules.labels("a")._value.get() == 1
 
@@ -191,7 +191,7 @@ async def test_ban_rules_from_one_platform_drop_what_any_platform_brings(tmp_pat
         assert gw.metrics.dropped.labels("b", "policy_ban")._value.get() == 1
 
         gw.adapters["a"].ctx.set_ban_rules([])
-        assert gw.pipeline.ban_rules is None and gw.metrics.ban_rules.labels("a")._value.get() == 0
+        assert gw.pipeline.state.ban_rules is None and gw.metrics.ban_rules.labels("a")._value.get() == 0
         await sb.send([sb.event("civic.message.created", "g-b", msg("b-3", "I am back", author="spammer-1"))])
         await wait_for(lambda: len(site_a.of_type("civic.message.created")) == 2, what="the spammer's next message")
         assert site_a.of_type("civic.message.created")[1]["data"]["text"] == "I am back"
@@ -208,9 +208,9 @@ async def test_rules_set_before_the_pipeline_exists_apply_from_the_start(tmp_pat
     gw.adapters["a"].ctx.set_ban_rules([BanRule("server", "evil.org"), BanRule("user", "x")])
     await gw.start()
     try:
-        assert gw.pipeline is not None and gw.pipeline.ban_rules is not None
-        assert len(gw.pipeline.ban_rules) == 2
-        assert gw.pipeline.ban_rules.match("@x:evil.org") is not None
+        assert gw.pipeline is not None and gw.pipeline.state.ban_rules is not None
+        assert len(gw.pipeline.state.ban_rules) == 2
+        assert gw.pipeline.state.ban_rules.match("@x:evil.org") is not None
         await gw.adapters["a"].ctx.state.put({"k": b"\x00v"})
         assert await gw.store.state_get("a", ["k"]) == {"k": b"\x00v"}, "the store-backed state, scoped to a"
         assert await gw.store.state_get("b", ["k"]) == {}

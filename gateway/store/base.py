@@ -61,15 +61,23 @@ class OutboxItem(Struct, frozen=True, gc=False):
     origin: PlatformName
     created: float
     pending: str | None
-    """Space-separated canonical message ids to translate at delivery time
-    (their target id may only be known once earlier deliveries finish)."""
+    """Canonical message ids to translate at delivery time (their target id
+    may only be known once earlier deliveries finish), in the storage form of
+    ``gateway.idmap.encode_pending``, which also reads it back."""
     body: bytes
     """The payload, msgpack, ids already in the target's terms where known."""
     occurred: float | None = None
     """When the event happened at its origin (None: as ``created``)."""
+    decoded: Any = None
+    """The payload object ``body`` was encoded from, on items the pipeline of
+    this process made (never stored): delivery takes it instead of decoding
+    what was just encoded. None on items read from the store."""
 
     def payload(self) -> Any:
-        """The body decoded into its schema type (``schemas.v1.EVENT_TYPES[type]``)."""
+        """The payload in its schema type (``schemas.v1.EVENT_TYPES[type]``):
+        ``decoded`` where this process made the item, else the body decoded."""
+        if self.decoded is not None:
+            return self.decoded
         return _body_decoders[self.type].decode(self.body)
 
 

@@ -1,4 +1,5 @@
-"""People across platforms: who a native id is, and how a person is shown.
+"""People across platforms: who a native id is, and how a person is shown
+(the id map's part for people; ``gateway.idmap.IdMap`` is its only user).
 
 A person gets one canonical id, whatever platform names them. On each target
 they appear as their own account there if they have one (an account move makes
@@ -17,6 +18,7 @@ import hashlib
 import hmac
 
 from gateway import ids
+from gateway.idmap.refs import Person, PersonRef
 from gateway.ids import ACTOR, CanonicalId, GroupRef
 from gateway.store.base import Tx
 from schemas.v1 import Actor
@@ -34,7 +36,7 @@ class People:
         self._in.clear()
         self._out.clear()
 
-    def resolve(self, tx: Tx, source: GroupRef, actor: Actor) -> tuple[CanonicalId, int, Actor]:
+    def resolve(self, tx: Tx, source: GroupRef, actor: Actor) -> Person:
         """Canonical id of a person as the source platform names them (new ones
         get one), how the platform came by that id, and the person as they may
         be shown: someone known to the source only by an anonymous stand-in
@@ -42,19 +44,19 @@ class People:
         key = (source.platform, actor.id)
         hit = self._in.get(key)
         if hit is not None:
-            return hit[0], hit[1], actor
+            return Person(PersonRef(hit[0]), hit[1], actor)
         hit = tx.lookup(source.platform, "", ACTOR, actor.id)
         if hit is None and actor.id.startswith("anon_"):
             hit = tx.lookup(source.platform, source.group, ACTOR, actor.id)
             if hit is not None:  # per-group stand-ins are not cached by platform
-                return hit[0], hit[1], Actor(id=actor.id, identity="anonymous")
+                return Person(PersonRef(hit[0]), hit[1], Actor(id=actor.id, identity="anonymous"))
         if hit is None:
             hit = (ids.new_actor_id(), ids.ORIGIN)
             tx.map(source.platform, "", ACTOR, actor.id, hit[0], ids.ORIGIN)
         if len(self._in) > CACHE_MAX:
             self._in.clear()
         self._in[key] = hit
-        return hit[0], hit[1], actor
+        return Person(PersonRef(hit[0]), hit[1], actor)
 
     def show(self, tx: Tx, c: CanonicalId, actor: Actor, target: GroupRef) -> Actor:
         """How a person appears on the target: their own account there if they
