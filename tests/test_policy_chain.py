@@ -224,19 +224,19 @@ async def test_a_failed_commit_leaves_bans_and_consent_as_they_were(tmp_path: Pa
         def ev(n: int, etype: str, data: Any) -> Inbound:
             return Inbound(PlatformName("a"), GroupId("g-a"), EventId(f"ev-{n}"), etype, data, 1.0)
 
-        await gw.ingest([ev(0, "civic.message.created", msgspec.convert(msg("m-0", "hi", author="carol"), Message))])
+        await gw.ingress.ingest([ev(0, "civic.message.created", msgspec.convert(msg("m-0", "hi", author="carol"), Message))])
         ban = Membership(member=Actor(id="mallory"), state="banned", by=Actor(id="mod"))
         withdraw = ProfileUpdate(actor=Actor(id="carol"), consent="withdrawn")
         before = gw.pipeline.state
         gw.store.transact = failing  # type: ignore[method-assign]
         with pytest.raises(RuntimeError):
-            await gw.ingest([ev(1, "civic.membership.changed", ban), ev(2, "civic.profile.updated", withdraw)])
+            await gw.ingress.ingest([ev(1, "civic.membership.changed", ban), ev(2, "civic.profile.updated", withdraw)])
         gw.store.transact = transact  # type: ignore[method-assign]
         assert gw.pipeline.state is before
         assert (gw.pipeline.state.bans, gw.pipeline.state.withdrawn) == (frozenset(), frozenset())
         assert await gw.store.bans() == set() and await gw.store.withdrawn() == set()
 
-        result = await gw.ingest([ev(1, "civic.membership.changed", ban), ev(2, "civic.profile.updated", withdraw)])
+        result = await gw.ingress.ingest([ev(1, "civic.membership.changed", ban), ev(2, "civic.profile.updated", withdraw)])
         assert result.accepted == 2  # not duplicates: the failed attempt left nothing
         state = gw.pipeline.state
         assert state.bans == await gw.store.bans() and len(state.bans) == 1
