@@ -69,8 +69,11 @@ class OutboxItem(Struct, frozen=True, gc=False):
     """When the event happened at its origin (None: as ``created``)."""
 
     def payload(self) -> Any:
-        """The body decoded into its schema type (``schemas.v1.EVENT_TYPES[type]``)."""
-        return _body_decoders[self.type].decode(self.body)
+        """The body decoded into its schema type (``schemas.v1.EVENT_TYPES[type]``);
+        for an adapter's own follow-up (``gateway.adapter.Followup``, a type
+        that is no schema event type), the body as it is (bytes)."""
+        decoder = _body_decoders.get(self.type)
+        return self.body if decoder is None else decoder.decode(self.body)
 
 
 _body_decoders = {t: msgspec.msgpack.Decoder(cls) for t, cls in EVENT_TYPES.items()}
@@ -261,8 +264,12 @@ class Store(abc.ABC):
     async def outbox_counts(self) -> dict[PlatformName, int]: ...
 
     @abc.abstractmethod
-    async def complete(self, seqs: Sequence[int], mappings: Sequence[Mapping]) -> None:
-        """Delivered: remove these outbox rows and record the ids the targets created (as ids.COPY)."""
+    async def complete(self, seqs: Sequence[int], mappings: Sequence[Mapping],
+                       followups: Sequence[OutboxItem] = ()) -> list[OutboxItem]:
+        """Delivered: remove these outbox rows, record the ids the targets
+        created (as ids.COPY) and append ``followups`` (their ``seq`` ignored)
+        to the end of their target groups' queues, in order, all in one
+        transaction; returns the follow-ups as queued (with their ``seq``)."""
 
     @abc.abstractmethod
     async def natives(self, platform: PlatformName, grp: str, kind: str,
