@@ -8,7 +8,10 @@ ids) and hands them to ``AdapterContext.ingest``, which returns only once they
 are durably stored. Outbound, the delivery worker calls ``deliver`` with a
 batch of ``Delivery`` records for one target group, in order, whose ids are
 already the target's own wherever the gateway knows them; ``deliver`` returns
-the native ids it created (or raises a ``DeliveryError``).
+the native ids it created (or raises a ``DeliveryError``), and may ask for
+follow-up deliveries to other targets of its own platform (``Followup``: e.g.
+one per fediverse server an event must reach), which the core queues, retries
+on the adapter's ``RETRY`` schedule and dead-letters like any other delivery.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from msgspec import Struct
 
 from gateway.ids import EventId, GroupId, NativeId, PlatformName
 from gateway.intake import BodyReader
+from gateway.retry import DEFAULT, RetrySchedule
 from gateway.store.base import check_state_key
 
 if TYPE_CHECKING:
@@ -82,10 +86,31 @@ class Delivery(Struct, frozen=True, gc=False):
     """The platform the event came from (for "via ..." labels)."""
 
 
+class Followup(Struct, frozen=True, gc=False):
+    """A further delivery an adapter asks the core to make, to another target
+    group of its own platform (e.g. ``inbox:<host>``, one per fediverse server
+    an event reaches). The core queues it as an ordinary outbox row, in the
+    same transaction that records the delivery that asked for it, so a crash
+    in between only delivers the first again (which asks again, with the same
+    ids); it then reaches ``deliver`` as a ``Delivery`` whose ``type`` is this
+    ``type`` and whose ``payload`` is ``body``, as bytes."""
+
+    group: GroupId
+    event_id: EventId
+    """Stable: the same follow-up asked for again carries the same id."""
+    type: str
+    """The adapter's own kind of follow-up, e.g. "activitypub.post": not a
+    schema event type (those start with "civic.")."""
+    body: bytes
+    """Whatever the adapter needs to make the delivery (it encodes it)."""
+
+
 class DeliveryResult(Struct, frozen=True):
-    """Native ids a target created: id the gateway sent -> the target's own id."""
+    """Native ids a target created: id the gateway sent -> the target's own id;
+    and the follow-up deliveries the batch asks for."""
 
     ids: dict[str, NativeId] = msgspec.field(default_factory=dict)
+    followups: tuple[Followup, ...] = ()
 
 
 class IngestResult(Struct, frozen=True):
@@ -273,6 +298,11 @@ class AdapterContext(Struct, kw_only=True):
     ``gateway.intake.BodyError`` (413, 408, or 503 with Retry-After). One
     per gateway, shared by every adapter, so the bytes of all bodies being
     received count against one budget (``[gateway] body_budget``)."""
+    send: Callable[[Sequence[Followup]], Awaitable[None]] | None = None
+    """Queue deliveries to this platform's own targets outside ``deliver``
+    (e.g. the ``Accept`` of a fediverse ``Follow``): returns once they are
+    durably in the gateway's outbox, which then delivers them like the
+    ``followups`` of a ``DeliveryResult``. None where there is no gateway (tests)."""
 
 
 class Adapter(abc.ABC):
@@ -287,6 +317,9 @@ class Adapter(abc.ABC):
 
     kind: ClassVar[str]
     Config: ClassVar[type[Struct]]
+    RETRY: ClassVar[RetrySchedule] = DEFAULT
+    """When the core retries a failed delivery to this platform, and when it
+    gives up (``gateway.retry``; the schedules table is in docs/operations.md)."""
     only_one: ClassVar[bool] = False
     """True when a gateway can hold one platform of this kind at most (e.g. it
     serves fixed paths such as ``/.well-known/webfinger``); the config check
@@ -300,6 +333,12 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def capabilities(self) -> Capabilities:
         """What this platform instance can express (may depend on its config)."""
+
+    @property
+    def retry_schedule(self) -> RetrySchedule:
+        """The retry schedule the delivery engine uses for this platform:
+        ``RETRY`` unless the adapter adjusts it from its config."""
+        return self.RETRY
 
     def routes(self) -> list["web.RouteDef"]:
         """Extra HTTP routes this adapter serves on the gateway's server."""

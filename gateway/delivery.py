@@ -4,15 +4,23 @@ A queue holds the outbox rows of one target group in sequence order (at most
 ``MAX_IN_MEMORY`` in memory; the rest stays in the store and is paged in). Its
 worker sends the head of the queue as one batch, at most one batch in flight
 per group, so order holds per group while groups proceed in parallel. After a
-success it moves on at once and records the completion in the background (a
-crash in between redelivers a few events with the same ids, which targets
-drop); after a transient failure it waits (exponential backoff with jitter,
-``Retry-After`` honoured) and sends the same batch again; a permanent failure
-isolates the bad event and dead-letters it, and the queue goes on. An event
-that cannot be encoded for the target (``UNENCODABLE``: an encoder's
-``ValueError``, ``OverflowError`` ...) is a permanent failure too: retrying it
-would block its queue for good. Any other unexpected error is retried like a
-transient one, and given up after ``retry_max_age`` like one.
+success it moves on at once and records the completion in the background,
+together with the follow-up deliveries the adapter asked for
+(``DeliveryResult.followups``: queued as ordinary rows of their own target
+groups in the same transaction, so a crash in between redelivers a few events
+with the same ids, which targets drop, and loses no follow-up); after a
+transient failure it waits (the target adapter's ``RETRY`` schedule,
+``gateway.retry``, ``Retry-After`` honoured) and sends the same batch again;
+a permanent failure isolates the bad event and dead-letters it, and the queue
+goes on. An event that cannot be encoded for the target (``UNENCODABLE``: an
+encoder's ``ValueError``, ``OverflowError`` ...) is a permanent failure too:
+retrying it would block its queue for good. Any other unexpected error is
+retried like a transient one, and given up on the schedule like one.
+
+The wait between attempts is what keeps a failing target from being hammered
+(one attempt in flight per group, then a growing pause): for fediverse
+servers, each one a target group ``inbox:<host>``, it plays the part of a
+circuit breaker.
 """
 
 from __future__ import annotations
@@ -26,11 +34,12 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 
-from gateway.adapter import Adapter, Delivery
+from gateway.adapter import Adapter, Delivery, Followup
 from gateway.errors import PermanentDeliveryError, TransientDeliveryError, UnencodableEvent
 from gateway.idmap import Completion
 from gateway.ids import GroupRef, NativeId, PlatformName
 from gateway.metrics import Metrics
+from gateway.retry import DEFAULT, RetrySchedule
 from gateway.store.base import Mapping, OutboxItem, Store, StoreUnavailable
 from gateway.tasks import TaskGroup
 
@@ -39,7 +48,6 @@ log = logging.getLogger("civic.delivery")
 MAX_IN_MEMORY = 2000
 COMPLETION_RETRY = 1.0
 """Seconds between tries to record completed deliveries while the store is unavailable."""
-BASE_DELAY = 0.5
 RETRY_WARN_AFTER = 5
 """Failed attempts of one batch logged at INFO; from this many on, at WARNING."""
 UNENCODABLE = (ValueError, OverflowError, TypeError, msgspec.MsgspecError)
@@ -66,19 +74,22 @@ class _Queue:
 class _Completions:
     """Collects finished deliveries and records them in as few store calls as possible."""
 
-    def __init__(self, store: Store, tasks: TaskGroup) -> None:
+    def __init__(self, store: Store, tasks: TaskGroup, queued: Callable[[Sequence[OutboxItem]], None]) -> None:
         self.store = store
         self.tasks = tasks
+        self.queued = queued
         self.seqs: list[int] = []
         self.maps: list[Mapping] = []
+        self.followups: list[OutboxItem] = []
         self.flushing = False
         self.stopping = False
         self.idle = asyncio.Event()
         self.idle.set()
 
-    def add(self, seqs: Sequence[int], maps: Sequence[Mapping]) -> None:
+    def add(self, seqs: Sequence[int], maps: Sequence[Mapping], followups: Sequence[OutboxItem] = ()) -> None:
         self.seqs.extend(seqs)
         self.maps.extend(maps)
+        self.followups.extend(followups)
         if not self.flushing:
             self.flushing = True
             self.idle.clear()
@@ -86,11 +97,11 @@ class _Completions:
 
     async def _flush(self) -> None:
         try:
-            while self.seqs or self.maps:
-                seqs, maps = self.seqs, self.maps
-                self.seqs, self.maps = [], []
+            while self.seqs or self.maps or self.followups:
+                seqs, maps, followups = self.seqs, self.maps, self.followups
+                self.seqs, self.maps, self.followups = [], [], []
                 try:
-                    await self.store.complete(seqs, maps)
+                    queued = await self.store.complete(seqs, maps, followups)
                 except StoreUnavailable as exc:
                     if self.stopping:
                         log.warning("the store is unavailable: %d completed deliveries were not recorded and will "
@@ -99,10 +110,17 @@ class _Completions:
                     # The store is away (a PostgreSQL restart): keep the record
                     # and try again, so that what was delivered is not sent twice.
                     self.seqs, self.maps = seqs + self.seqs, maps + self.maps
+                    self.followups = followups + self.followups
                     log.debug("recording %d completed deliveries waits for the store: %s", len(seqs), exc)
                     await asyncio.sleep(COMPLETION_RETRY)
+                    continue
                 except Exception:
+                    # Nothing of it was recorded: the deliveries are made again
+                    # after a restart, and ask for their follow-ups again.
                     log.exception("recording %d completed deliveries failed; they may be sent again", len(seqs))
+                    continue
+                if queued:
+                    self.queued(queued)
         finally:
             self.flushing = False
             self.idle.set()
@@ -123,7 +141,10 @@ class DeliveryEngine:
         self.retry_max_age = retry_max_age
         self.clock = clock
         self._queues: dict[GroupRef, _Queue] = {}
-        self._completions = _Completions(store, tasks)
+        self.hand_over: Callable[[Sequence[OutboxItem]], None] = self.submit
+        """Where committed follow-ups go: ``submit`` alone; in a cluster the
+        gateway sets its own ``hand_over`` (a wake-up to each group's owner)."""
+        self._completions = _Completions(store, tasks, lambda items: self.hand_over(items))
         self._ids = Completion(store)  # the id map's delivery-time half
         self._stopping = False
         self._wake = asyncio.Event()
@@ -153,6 +174,19 @@ class DeliveryEngine:
                 else:
                     q.items.append(item)
             self._kick(q)
+
+    async def send(self, platform: PlatformName, followups: Sequence[Followup]) -> None:
+        """``AdapterContext.send``: queue an adapter's deliveries to its own
+        platform's targets, durably, then hand them to delivery."""
+        now = self.clock()
+        rows = [_followup_row(platform, f, now) for f in followups]
+        if not rows:
+            return
+
+        def run(tx: Any) -> list[OutboxItem]:
+            return [replace(r, seq=tx.enqueue(r.target, r.event_id, r.type, r.origin, r.created, None, r.body))
+                    for r in rows]
+        self.hand_over(await self.store.transact(run))
 
     def wake(self, target: GroupRef) -> None:
         """New rows for ``target`` are committed (in a cluster, maybe by another
@@ -217,6 +251,7 @@ class DeliveryEngine:
                 log.error("no adapter for platform %s; %s waits in the store", q.target.platform, q.target)
                 return
             size_limit = max(1, adapter.capabilities.batch_max)
+            schedule = adapter.retry_schedule
             isolate = 0  # after a permanent failure of a batch: send one by one
             attempts = 0
             retry_n = 0  # a retry sends exactly the batch that failed (same webhook-id)
@@ -231,7 +266,7 @@ class DeliveryEngine:
                         store_failures += 1
                         (log.debug if isinstance(exc, StoreUnavailable) else log.warning)(
                             "reading the queue of %s failed: %s", q.target, exc)
-                        await self._sleep(self._backoff(store_failures, None))
+                        await self._sleep(self._backoff(DEFAULT, store_failures, None))
                         continue
                     store_failures = 0
                     if not q.items:
@@ -241,15 +276,16 @@ class DeliveryEngine:
                 try:
                     deliveries = await self._prepare(batch)
                     result = await adapter.deliver(deliveries)
+                    followups = [_followup_row(q.target.platform, f, self.clock()) for f in result.followups]
                 except TransientDeliveryError as exc:
                     attempts += 1
                     retry_n = n
                     self.metrics.retries.labels(q.target.platform).inc()
-                    if self.clock() - batch[0].created > self.retry_max_age:
+                    if self._gives_up(schedule, attempts, batch[0]):
                         await self._dead(q, batch[0], f"gave up after {attempts} attempts: {exc}", attempts)
                         attempts = retry_n = 0
                         continue
-                    delay = self._backoff(attempts, exc.retry_after)
+                    delay = self._backoff(schedule, attempts, exc.retry_after)
                     # The first retries are routine; a target still refusing after
                     # RETRY_WARN_AFTER attempts needs a person to look at it.
                     (log.info if attempts < RETRY_WARN_AFTER else log.warning)(
@@ -271,26 +307,26 @@ class DeliveryEngine:
                     retry_n = n
                     log.exception("adapter %s failed delivering to %s", q.target.platform, q.target)
                     self.metrics.retries.labels(q.target.platform).inc()
-                    if self.clock() - batch[0].created > self.retry_max_age:
+                    if self._gives_up(schedule, attempts, batch[0]):
                         await self._dead(q, batch[0], f"gave up after {attempts} attempts: "
                                                       f"{type(exc).__name__}: {exc}", attempts)
                         attempts = retry_n = 0
                         continue
-                    await self._sleep(self._backoff(attempts, None))
+                    await self._sleep(self._backoff(schedule, attempts, None))
                     continue
                 attempts = retry_n = 0
                 isolate = max(0, isolate - n) if isolate else 0
-                self._delivered(q, batch, result.ids)
+                self._delivered(q, batch, result.ids, followups)
         finally:
             q.running = False
             if (q.items or q.overflow) and not self._stopping and not q.released and adapter is not None:
                 self._kick(q)  # work arrived while the worker was finishing
 
-    def _backoff(self, attempts: int, retry_after: float | None) -> float:
-        delay = min(self.retry_max_delay, BASE_DELAY * 2 ** (attempts - 1)) * random.uniform(0.5, 1.0)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, 3600.0))
-        return delay
+    def _backoff(self, schedule: RetrySchedule, attempts: int, retry_after: float | None) -> float:
+        return schedule.delay(attempts, retry_after, max_delay=self.retry_max_delay, rand=random.uniform)
+
+    def _gives_up(self, schedule: RetrySchedule, attempts: int, item: OutboxItem) -> bool:
+        return schedule.gives_up(attempts, self.clock() - item.created, max_age=self.retry_max_age)
 
     async def _sleep(self, delay: float) -> None:
         try:
@@ -298,14 +334,15 @@ class DeliveryEngine:
         except asyncio.TimeoutError:
             pass
 
-    def _delivered(self, q: _Queue, batch: list[OutboxItem], native_ids: dict[str, NativeId]) -> None:
+    def _delivered(self, q: _Queue, batch: list[OutboxItem], native_ids: dict[str, NativeId],
+                   followups: Sequence[OutboxItem] = ()) -> None:
         now = self.clock()
         platform = q.target.platform
         for _ in batch:
             q.items.popleft()
         q.done_seq = batch[-1].seq
         maps = self._ids.learned(q.target, native_ids)
-        self._completions.add([i.seq for i in batch], maps)
+        self._completions.add([i.seq for i in batch], maps, followups)
         hist = self.metrics.latency.labels(platform)
         types: dict[str, int] = {}
         for item in batch:
@@ -337,6 +374,15 @@ class DeliveryEngine:
         return [Delivery(item.event_id, item.target.group, item.type, payload,
                          item.occurred if item.occurred is not None else item.created, item.origin)
                 for item, payload in zip(batch, payloads)]
+
+
+def _followup_row(platform: PlatformName, f: Followup, now: float) -> OutboxItem:
+    """The outbox row of an adapter's follow-up (its seq given by the store).
+    Its origin is the platform itself: the adapter made it."""
+    if not isinstance(f, Followup) or f.type.startswith("civic."):
+        raise TypeError(f"a follow-up must be a gateway.adapter.Followup of the adapter's own type, not {f!r:.200}")
+    return OutboxItem(seq=0, target=GroupRef(platform, f.group), event_id=f.event_id, type=f.type, origin=platform,
+                      created=now, pending=None, body=f.body)
 
 
 def _permanent_reason(exc: Exception, target: GroupRef) -> str:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from gateway.adapter import (Adapter, AdapterContext, AdapterState, BanRule, Capabilities, Delivery,
-                             DeliveryResult, Inbound, Ingest, IngestResult, Overloaded)
+                             DeliveryResult, Followup, Inbound, Ingest, IngestResult, Overloaded)
 from gateway.config import check_url
 from gateway.errors import (DecodeError, DeliveryError, GatewayError, PermanentDeliveryError,
                             TransientDeliveryError, UnencodableEvent)
@@ -32,6 +32,7 @@ from gateway.metrics import shared_collector
 from gateway.netguard import BadURL, FetchError, GuardedSession, Signer, parse_url
 from gateway.problem import problem
 from gateway.registry import PlatformCommand
+from gateway.retry import DEFAULT, MASTODON, RetrySchedule
 from gateway.sanitize import html_to_text
 from gateway.tasks import TaskGroup
 from gateway.translate import Decoded, Ignored, Item, schema_problem
@@ -42,7 +43,9 @@ __all__ = [
     # The interface an adapter implements, and what the core hands it at creation.
     "Adapter", "AdapterContext", "AdapterState", "BanRule", "Capabilities",
     # Typed events: in (``Inbound`` to ``ctx.ingest``) and out (``Delivery`` to ``deliver``).
-    "Delivery", "DeliveryResult", "Inbound", "Ingest", "IngestResult", "Overloaded",
+    "Delivery", "DeliveryResult", "Followup", "Inbound", "Ingest", "IngestResult", "Overloaded",
+    # Retry schedules as data: an adapter names its own in its ``RETRY`` class constant.
+    "DEFAULT", "MASTODON", "RetrySchedule",
     # Typed ids (NewTypes over str): say which id a string is.
     "EventId", "GroupId", "NativeId", "PlatformName",
     # The error tree: what an adapter raises so the core answers, retries or dead-letters.

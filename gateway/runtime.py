@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from aiohttp import web
 
 from gateway import registry
-from gateway.adapter import Adapter, AdapterContext, BanRule, StoreState
+from gateway.adapter import Adapter, AdapterContext, BanRule, Followup, StoreState
 from gateway.bus import Bus, LocalBus
 from gateway.cluster import Cluster
 from gateway.config import Config, validate_adapters
@@ -74,12 +74,14 @@ class Gateway:
                                                      read_body=self.read_body,
                                                      groups=tuple(g.group for g in self.router.groups()
                                                                   if g.platform == name),
-                                                     set_up=functools.partial(self.set_platform_up, name)))
+                                                     set_up=functools.partial(self.set_platform_up, name),
+                                                     send=functools.partial(self._send_own, name)))
             if name not in self.platform_state:
                 self.set_platform_up(name, True, "")
         self.delivery = DeliveryEngine(self.store, self.adapters, self.metrics, self.tasks,
                                        retry_max_delay=self.settings.retry_max_delay,
                                        retry_max_age=self.settings.retry_max_age)
+        self.delivery.hand_over = self.hand_over  # follow-ups of deliveries: to their groups' owners
         # A shared (PostgreSQL) store means ownership by lease and wake-ups by
         # bus, even for one node: rows are delivered in the store's commit order.
         if self.settings.database.startswith(("postgresql://", "postgres://")):
@@ -202,6 +204,9 @@ class Gateway:
             self.delivery.submit(items)
         else:
             self.cluster.announce({item.target for item in items})
+
+    async def _send_own(self, platform: PlatformName, followups: Sequence[Followup]) -> None:
+        await self.delivery.send(platform, followups)  # AdapterContext.send
 
     def _state_changed_elsewhere(self) -> None:
         self.tasks.spawn(self._reload_state(), "reload-state")

@@ -333,6 +333,32 @@ async def test_complete_removes_rows_and_records_copies(store: Store) -> None:
     assert sum((await store.outbox_counts()).values()) == 0
 
 
+async def test_complete_queues_followups_with_the_completion(store: Store) -> None:
+    """A delivery's follow-ups (``DeliveryResult.followups``) are queued in the
+    transaction that records it: at the end of their groups' queues, in the
+    order given, with the ids and bodies given; the row that asked is gone."""
+    g = G("b", "club")
+    seqs = await enqueue(store, g, 2)
+    h1, h2 = G("b", "inbox:one.example"), G("b", "inbox:two.example")
+    earlier = await enqueue(store, h1, 1)
+
+    def row(target: GroupRef, n: int) -> OutboxItem:
+        return OutboxItem(0, target, E(f"ap-post:{n}"), "activitypub.post", P("b"), 50.0 + n, None, b"\x00post %d" % n)
+    asked = [row(h1, 1), row(h2, 2), row(h1, 3)]
+    queued = await store.complete(seqs[:1], [], asked)
+    assert [(i.target, i.event_id, i.type, i.body, i.created) for i in queued] == [
+        (f.target, f.event_id, f.type, f.body, f.created) for f in asked]
+    assert queued[0].seq > earlier[0] and queued[2].seq > queued[0].seq
+    assert await store.outbox_page(h1, 0, 10) == [*await store.outbox_page(h1, 0, 1), queued[0], queued[2]]
+    assert [i.event_id for i in await store.outbox_page(h1, 0, 10)][1:] == [E("ap-post:1"), E("ap-post:3")]
+    assert await store.outbox_page(h2, 0, 10) == [queued[1]]
+    assert queued[1].payload() == b"\x00post 2"  # an adapter's own type: the body as it is
+    assert [i.seq for i in await store.outbox_page(g, 0, 10)] == [seqs[1]]
+    assert sorted(await store.outbox_groups()) == sorted([g, h1, h2])
+    assert await store.outbox_counts() == {P("b"): 5}
+    assert await store.complete(seqs[1:], []) == []  # without follow-ups: nothing queued
+
+
 # -- dead letters ---------------------------------------------------------------------------
 
 async def test_dead_letter_and_listing(store: Store) -> None:

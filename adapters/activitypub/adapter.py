@@ -5,8 +5,9 @@ to post, and shows the people of other platforms as ``Person`` actors.
 Pieces: ``inbound`` (the inbox: checks, routing, decoding, storing),
 ``documents`` (the actor, WebFinger and NodeInfo documents served),
 ``signatures`` (HTTP signatures), ``remote`` (fetching documents with origin
-checks), ``decode``/``encode`` (pure translation), ``delivery`` (durable
-per-host queues). This module wires them and sends: ``deliver`` (the core's
+checks), ``decode``/``encode`` (pure translation), ``delivery`` (the
+per-host follow-up deliveries it hands the gateway's outbox). This module
+wires them and sends: ``deliver`` (the core's
 events into hosted and joined groups), a group's ``Announce`` of what it
 relayed, and the answer to a ``Follow``.
 
@@ -34,8 +35,8 @@ from prometheus_client.core import CounterMetricFamily
 from adapters.activitypub import decode as dec
 from adapters.activitypub import encode as enc
 from adapters.activitypub import signatures as sig
+from adapters.activitypub import delivery
 from adapters.activitypub.config import ActivityPubConfig
-from adapters.activitypub.delivery import HostQueues, OutItem
 from adapters.activitypub.documents import AP_JSON, VERSION, Documents
 from adapters.activitypub.inbound import Inbox, Refused
 from adapters.activitypub.remote import Remote, RemoteError, inbox_of
@@ -45,8 +46,12 @@ from gateway.kit import (
     Capabilities,
     Delivery,
     DeliveryResult,
+    FetchError,
+    Followup,
     GuardedSession,
+    MASTODON,
     PermanentDeliveryError,
+    RetrySchedule,
     TaskGroup,
     TransientDeliveryError,
     register_collector,
@@ -64,10 +69,24 @@ def now_iso(t: float | None = None) -> str:
     return datetime.fromtimestamp(time.time() if t is None else t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class PostCounts(msgspec.Struct):
+    """POSTs to inboxes, by outcome (``civic_activitypub_deliveries_total``)."""
+
+    delivered: int = 0
+    retried: int = 0
+    """Failed, to be tried again on the retry schedule."""
+    dropped: int = 0
+    """Refused for good by the receiving server (unsalvageable 4xx), or refused
+    before sending (a private address, too large): dead-lettered."""
+
+
 class ActivityPubAdapter(Adapter):
     kind = "activitypub"
     Config = ActivityPubConfig
     only_one = True  # it serves /.well-known/webfinger and /ap/...
+    RETRY = MASTODON
+    """Mastodon's delivery schedule (``gateway.retry.MASTODON``), given up after
+    the platform's ``retry_max_age``; 401, 408 and 429 retried, other 4xx not."""
 
     def __init__(self, ctx: AdapterContext) -> None:
         super().__init__(ctx)
@@ -78,7 +97,8 @@ class ActivityPubAdapter(Adapter):
                                       user_agent=f"civic-gateway/{VERSION} (+{self.config.base_url})")
         self.remote = Remote(self.session, self._sign_get, max_body=self.config.max_body,
                              max_depth=self.config.max_depth)
-        self.queues = HostQueues(ctx.state, self._post, leads=ctx.leads, retry_max_age=self.config.retry_max_age)
+        self.counts = PostCounts()
+        self._retry = msgspec.structs.replace(self.RETRY, give_up_after=self.config.retry_max_age)
         self.hosted = {g for g in ctx.groups if not g.startswith(("http://", "https://"))}
         self.remote_groups = {g for g in ctx.groups if g.startswith(("http://", "https://"))}
         self._tasks = TaskGroup()
@@ -86,12 +106,16 @@ class ActivityPubAdapter(Adapter):
         self._key_pem = ""
         self.documents = Documents(self.config, self.urls, ctx.state, self.hosted, lambda: self._key_pem)
         self.inbox = Inbox(ctx, self.config, self.urls, self.remote, hosted=self.hosted,
-                           remote_groups=self.remote_groups, follow=self._follow, announce=self._announce)
+                           remote_groups=self.remote_groups, follow=self._follow, announce=self._announce_now)
         register_collector(ctx, "activitypub", _Collector).adapters.add(self)
 
     @property
     def capabilities(self) -> Capabilities:
         return self._caps
+
+    @property
+    def retry_schedule(self) -> RetrySchedule:
+        return self._retry
 
     async def start(self) -> None:
         await self.session.start()
@@ -100,13 +124,11 @@ class ActivityPubAdapter(Adapter):
             raw = await self.ctx.state.setdefault(KEY, sig.private_key_pem(sig.generate_rsa_key()).encode())
         self._key = sig.load_private_key(raw.decode())
         self._key_pem = sig.public_key_pem(self._key)
-        self._tasks.spawn(self.queues.watch(), f"ap-{self.name}-queues")
         for url in sorted(self.remote_groups):
             self._tasks.spawn(self._join_remote(url), f"ap-join-{url}")
 
     async def stop(self) -> None:
         await self._tasks.close()
-        await self.queues.close()
         await self.session.close()
 
     # -- signing ----------------------------------------------------------------------------------------
@@ -114,17 +136,47 @@ class ActivityPubAdapter(Adapter):
         assert self._key is not None
         return sig.sign_cavage(method, url, headers, body, self.urls.key_id(self.urls.instance), self._key, time.time())
 
-    async def _post(self, item: OutItem) -> int:
+    async def _post(self, post: delivery.Post) -> tuple[int, float | None]:
+        """POST one activity, signed by its actor: the status and ``Retry-After`` (seconds) if any."""
         assert self._key is not None
-        key_id = self.urls.key_id(item.actor)
+        key_id = self.urls.key_id(post.actor)
         key = self._key
 
         def sign(method: str, url: str, headers: Mapping[str, str], body: bytes | None) -> Mapping[str, str]:
             return sig.sign_cavage(method, url, headers, body, key_id, key, time.time())
 
-        got = await self.session.request("POST", item.inbox, max_bytes=64 * 1024, body=item.body,
+        got = await self.session.request("POST", post.inbox, max_bytes=64 * 1024, body=post.body,
                                          headers={"Content-Type": AP_JSON}, sign=sign, follow_redirects=False)
-        return got.status
+        after = next((v for k, v in got.headers.items() if k.lower() == "retry-after"), "")
+        return got.status, float(after) if after.strip().isdigit() else None
+
+    async def _send_post(self, d: Delivery) -> None:
+        """Deliver one queued ``activitypub.post`` (a target ``inbox:<host>``);
+        raise as the core's retry needs: permanent for an unsalvageable answer."""
+        post = delivery.decode_post(d.payload)
+        try:
+            status, retry_after = await self._post(post)
+        except FetchError as exc:
+            if not exc.transient:  # refused before sending (address, size): not worth retrying
+                self.counts.dropped += 1
+                raise PermanentDeliveryError(f"{post.inbox}: {exc}") from None
+            self.counts.retried += 1
+            raise TransientDeliveryError(f"{post.inbox}: {exc}") from None
+        if 200 <= status < 300:
+            self.counts.delivered += 1
+            return
+        if self._retry.permanent(status):
+            self.counts.dropped += 1
+            raise PermanentDeliveryError(f"{post.inbox} refused the activity for good (HTTP {status})")
+        self.counts.retried += 1
+        raise TransientDeliveryError(f"{post.inbox} answered HTTP {status}", retry_after=retry_after)
+
+    async def _send(self, followups: list[Followup]) -> None:
+        """Queue deliveries made outside ``deliver`` (an ``Accept``, a ``Follow``) in the gateway's outbox."""
+        if self.ctx.send is None:
+            raise RuntimeError("this adapter runs without a gateway outbox (AdapterContext.send)")
+        if followups:
+            await self.ctx.send(followups)
 
     # -- routes -------------------------------------------------------------------------------------------
     def routes(self) -> list[web.RouteDef]:
@@ -150,8 +202,8 @@ class ActivityPubAdapter(Adapter):
         accept_doc = enc.activity(kind, self.urls.activity(hashlib.sha256(follow["id"].encode()).hexdigest()[:32],
                                                            "#" + kind.lower()), group,
                                   {"id": follow["id"], "type": "Follow", "actor": actor, "object": group}, to=[actor])
-        await self.queues.enqueue([OutItem(inbox=inbox or shared or actor, body=orjson.dumps(accept_doc), actor=group,
-                                           created=time.time())])
+        await self._send(delivery.posts_for(accept_doc["id"], [inbox or shared or actor], group,
+                                            orjson.dumps(accept_doc)))
 
     async def _follower_inboxes(self, name: str, exclude: str | None = None) -> list[str]:
         """The inboxes of a hosted group's followers (but ``exclude``), one per
@@ -169,26 +221,38 @@ class ActivityPubAdapter(Adapter):
                 out.setdefault(inbox)
         return list(out)
 
+    async def _announce_now(self, name: str, inner: Mapping[str, Any], *, exclude: str | None = None) -> None:
+        """What the inbox calls when a hosted group shares what it relayed: queued at once."""
+        await self._send(await self._announce(name, inner, exclude=exclude))
+
     async def _announce(self, name: str, inner: Mapping[str, Any], *, exclude: str | None = None,
-                        also: Sequence[str] = ()) -> None:
-        """The group shares ``inner`` with every follower (FEP-1b12)."""
+                        also: Sequence[str] = ()) -> list[Followup]:
+        """The group shares ``inner`` with every follower (FEP-1b12): one
+        delivery per follower inbox, for the gateway's outbox."""
         announce_id = self.urls.activity(hashlib.sha256(f"{name}|{inner['id']}".encode()).hexdigest()[:32],
                                          "#announce")
         body = orjson.dumps(enc.announce(self.urls, name, inner, announce_id))
-        group = self.urls.group(name)
-        now = time.time()
         inboxes = await self._follower_inboxes(name, exclude)
         inboxes += [i for i in also if i not in inboxes]
-        await self.queues.enqueue([OutItem(inbox=i, body=body, actor=group, created=now) for i in inboxes])
+        return delivery.posts_for(announce_id, inboxes, self.urls.group(name), body)
 
     # -- deliver (the core's events into hosted groups) -------------------------------------------------------
     async def deliver(self, batch: Sequence[Delivery]) -> DeliveryResult:
+        """A group's events become deliveries to inboxes, one queue per server
+        (``delivery``), that the core queues with the group's completion; a
+        server's queue (``inbox:<host>``) comes back here to be posted."""
         ids: dict[str, str] = {}
+        followups: list[Followup] = []
         for d in batch:
-            ids.update(await self._deliver(d))
-        return DeliveryResult(ids=ids)  # type: ignore[arg-type]
+            if d.type == delivery.POST:
+                await self._send_post(d)
+                continue
+            got, more = await self._deliver(d)
+            ids.update(got)
+            followups += more
+        return DeliveryResult(ids=ids, followups=tuple(followups))  # type: ignore[arg-type]
 
-    async def _deliver(self, d: Delivery) -> dict[str, str]:
+    async def _deliver(self, d: Delivery) -> tuple[dict[str, str], list[Followup]]:
         if d.group in self.remote_groups:
             return await self._deliver_remote(d)
         p, group = d.payload, self.urls.group(d.group)
@@ -210,8 +274,7 @@ class ActivityPubAdapter(Adapter):
             act = enc.activity(kind, act_id, author, note, to=note["to"], cc=note["cc"])
             await self.ctx.state.put({f"note:{note_key}": orjson.dumps({"group": d.group, "doc": note}),
                                       f"act:{d.event_id}": orjson.dumps(act)})
-            await self._announce(d.group, act)
-            return {} if edited else {p.id: note["id"]}
+            return {} if edited else {p.id: note["id"]}, await self._announce(d.group, act)
         if isinstance(p, MessageDeletion):
             rec = await self._note_record(p.id)
             if self.urls.owns(p.id):
@@ -225,8 +288,7 @@ class ActivityPubAdapter(Adapter):
             else:
                 actor = group  # a fediverse post removed elsewhere: the group takes it out
             act = enc.activity("Delete", self.urls.activity(d.event_id), actor, enc.tombstone(p.id), to=[enc.PUBLIC])
-            await self._announce(d.group, act)
-            return {}
+            return {}, await self._announce(d.group, act)
         if isinstance(p, Reaction):
             await self._remember_person(p.author, d.group)
             author = enc.person_url(self.urls, p.author)
@@ -239,23 +301,20 @@ class ActivityPubAdapter(Adapter):
                 act = enc.activity("Undo", self.urls.activity(d.event_id), author, like)
             else:
                 act = {"@context": enc.CONTEXT, **like}
-            await self._announce(d.group, act)
-            return {}
+            return {}, await self._announce(d.group, act)
         if isinstance(p, Membership) and p.state in ("kicked", "banned") and p.member.id.startswith("http"):
             await self.ctx.state.put({f"follower:{d.group}:{p.member.id}": None})
             if p.state == "banned":
                 act = enc.activity("Block", self.urls.activity(d.event_id), group, p.member.id,
                                    summary=p.reason or None)
-                await self._announce(d.group, act, also=await self._inboxes_of(p.member.id))
-            return {}
+                return {}, await self._announce(d.group, act, also=await self._inboxes_of(p.member.id))
+            return {}, []
         if isinstance(p, ModerationAction) and p.action == "remove_message" and p.message:
             act = enc.activity("Delete", self.urls.activity(d.event_id), group, enc.tombstone(p.message),
                                to=[enc.PUBLIC], summary=p.reason or None)
-            await self._announce(d.group, act)
-            return {}
+            return {}, await self._announce(d.group, act)
         if isinstance(p, Report):
-            await self._flag(d, p)
-            return {}
+            return {}, await self._flag(d, p)
         if isinstance(p, ProfileUpdate) and not p.actor.id.startswith(("http://", "https://")):
             # A new name or identity level: the Person document changes, and the
             # group's followers hear it (Mastodon refreshes the profile on Update).
@@ -264,10 +323,9 @@ class ActivityPubAdapter(Adapter):
             doc.pop("@context", None)
             person = enc.person_url(self.urls, p.actor)
             act = enc.activity("Update", self.urls.activity(d.event_id), person, doc, to=[enc.PUBLIC])
-            await self._announce(d.group, act)
-            return {}
+            return {}, await self._announce(d.group, act)
         self.ctx.metrics.degraded.labels(f"activitypub_{d.type.removeprefix('civic.')}_not_carried").inc()
-        return {}
+        return {}, []
 
     # -- joined remote groups ----------------------------------------------------------------------------
     async def _join_remote(self, url: str) -> None:
@@ -290,8 +348,7 @@ class ActivityPubAdapter(Adapter):
         follow_id = self.urls.activity(hashlib.sha256(f"join|{url}".encode()).hexdigest()[:32], "#follow")
         follow = enc.activity("Follow", follow_id, self.urls.instance, url, to=[url])
         await self.ctx.state.put({f"joined:{url}": orjson.dumps({"follow": follow_id, "state": "pending"})})
-        await self.queues.enqueue([OutItem(inbox=str(group["inbox"]), body=orjson.dumps(follow),
-                                           actor=self.urls.instance, created=time.time())])
+        await self._send(delivery.posts_for(follow_id, [str(group["inbox"])], self.urls.instance, orjson.dumps(follow)))
 
     async def _remote_inbox(self, url: str) -> str:
         try:
@@ -300,7 +357,7 @@ class ActivityPubAdapter(Adapter):
             raise TransientDeliveryError(f"the remote group {url}: {exc}") from None
         return str(group["inbox"])
 
-    async def _as_member(self, group_url: str, person: str) -> list[OutItem]:
+    async def _as_member(self, group_url: str, person: str) -> list[Followup]:
         """A Follow of the remote group by ``person`` the first time they post
         there (groups take posts from their members)."""
         key = f"gfollow:{group_url}:{person}"
@@ -309,20 +366,19 @@ class ActivityPubAdapter(Adapter):
         follow_id = self.urls.activity(hashlib.sha256(f"{group_url}|{person}".encode()).hexdigest()[:32], "#follow")
         await self.ctx.state.put({key: b"pending"})
         follow = enc.activity("Follow", follow_id, person, group_url, to=[group_url])
-        return [OutItem(inbox=await self._remote_inbox(group_url), body=orjson.dumps(follow), actor=person,
-                        created=time.time())]
+        return delivery.posts_for(follow_id, [await self._remote_inbox(group_url)], person, orjson.dumps(follow))
 
-    async def _deliver_remote(self, d: Delivery) -> dict[str, str]:
-        """Into a remote group: the person's own activity, sent to the group's
+    async def _deliver_remote(self, d: Delivery) -> tuple[dict[str, str], list[Followup]]:
+        """Into a remote group: the person's own activity, for the group's
         inbox; the group shares it with its members (and back with us: an echo)."""
         p, group_url = d.payload, d.group
         inbox = await self._remote_inbox(group_url)
-        out: list[OutItem] = []
+        posts: list[Followup] = []
         result: dict[str, str] = {}
         if isinstance(p, Message):
             await self._remember_person(p.author, group_url)
             author = enc.person_url(self.urls, p.author)
-            out += await self._as_member(group_url, author)
+            posts += await self._as_member(group_url, author)
             edited = d.type == "civic.message.edited"
             note_key = unquote(p.id.rsplit("/", 1)[1]) if edited and self.urls.owns(p.id) else p.id
             if edited and not self.urls.owns(p.id):
@@ -334,7 +390,7 @@ class ActivityPubAdapter(Adapter):
                                to=note["to"], cc=note["cc"], audience=group_url)
             await self.ctx.state.put({f"note:{note_key}": orjson.dumps({"group": group_url, "doc": note}),
                                       f"act:{d.event_id}": orjson.dumps(act)})
-            out.append(OutItem(inbox=inbox, body=orjson.dumps(act), actor=author, created=time.time()))
+            posts += delivery.posts_for(d.event_id, [inbox], author, orjson.dumps(act))
             if not edited:
                 result[p.id] = note["id"]
         elif isinstance(p, MessageDeletion) and self.urls.owns(p.id):
@@ -342,11 +398,11 @@ class ActivityPubAdapter(Adapter):
             author = rec["author"] if rec else self.urls.instance
             act = enc.activity("Delete", self.urls.activity(d.event_id), author, enc.tombstone(p.id),
                                to=[enc.PUBLIC, group_url], audience=group_url)
-            out.append(OutItem(inbox=inbox, body=orjson.dumps(act), actor=author, created=time.time()))
+            posts += delivery.posts_for(d.event_id, [inbox], author, orjson.dumps(act))
         elif isinstance(p, Reaction):
             await self._remember_person(p.author, group_url)
             author = enc.person_url(self.urls, p.author)
-            out += await self._as_member(group_url, author)
+            posts += await self._as_member(group_url, author)
             like_id = self.urls.activity(hashlib.sha256(f"{author}|{p.message}|{p.key}".encode()).hexdigest()[:32],
                                          "#react")
             kind = "Like" if p.key in (dec.LIKE_KEY, "❤️", "⭐") else "EmojiReact"
@@ -354,14 +410,12 @@ class ActivityPubAdapter(Adapter):
                                 **({"content": p.key} if kind == "EmojiReact" else {}))
             act = (enc.activity("Undo", self.urls.activity(d.event_id), author, like, to=[group_url])
                    if d.type == "civic.reaction.removed" else {"@context": enc.CONTEXT, **like})
-            out.append(OutItem(inbox=inbox, body=orjson.dumps(act), actor=author, created=time.time()))
+            posts += delivery.posts_for(d.event_id, [inbox], author, orjson.dumps(act))
         elif isinstance(p, Report):
-            await self._flag(d, p)
+            posts += await self._flag(d, p)
         else:  # moderation in a group the gateway only belongs to is the group's own moderators' business
             self.ctx.metrics.degraded.labels(f"activitypub_remote_{d.type.removeprefix('civic.')}_not_carried").inc()
-        if out:
-            await self.queues.enqueue(out)
-        return result
+        return result, posts
 
     async def _inboxes_of(self, actor: str) -> list[str]:
         try:
@@ -371,12 +425,12 @@ class ActivityPubAdapter(Adapter):
         inbox = inbox_of(doc, shared=False)
         return [inbox] if inbox else []
 
-    async def _flag(self, d: Delivery, r: Report) -> None:
+    async def _flag(self, d: Delivery, r: Report) -> list[Followup]:
         """A report goes from the instance actor (the reporter stays unnamed) to
         the server of the reported person or post."""
         objects = [o for o in (r.member.id if r.member else None, r.message) if o and o.startswith("http")]
         if not objects:
-            return
+            return []
         inboxes = await self._inboxes_of(r.member.id) if r.member and r.member.id.startswith("http") else []
         if not inboxes and r.message:
             rec = await self._note_record(r.message)
@@ -384,8 +438,7 @@ class ActivityPubAdapter(Adapter):
                 inboxes = await self._inboxes_of(rec["author"])
         act = enc.activity("Flag", self.urls.activity(d.event_id), self.urls.instance, objects,
                            content=(r.category.replace("_", " ") + (f": {r.text}" if r.text else "")))
-        await self.queues.enqueue([OutItem(inbox=i, body=orjson.dumps(act), actor=self.urls.instance,
-                                           created=time.time()) for i in inboxes])
+        return delivery.posts_for(d.event_id, inboxes, self.urls.instance, orjson.dumps(act))
 
     async def _remember_person(self, actor: Actor, group: str | None = None) -> None:
         """Keep what the ``Person`` document of a person from elsewhere shows (their
@@ -419,10 +472,10 @@ class _Collector:
         out = CounterMetricFamily("civic_activitypub_deliveries", "Deliveries to inboxes, by outcome.",
                                   labels=["platform", "outcome"])
         for a in list(self.adapters):
-            received.add_metric([a.name], a.inbox.received)
-            for reason, n in sorted(a.inbox.refused.items()):
+            received.add_metric([a.name], a.received)
+            for reason, n in sorted(a.refused.items()):
                 refused.add_metric([a.name, reason], n)
-            c = a.queues.counts
-            for outcome in ("delivered", "retried", "dropped", "expired"):
+            c = a.counts
+            for outcome in ("delivered", "retried", "dropped"):
                 out.add_metric([a.name, outcome], getattr(c, outcome))
         yield from (refused, received, out)

@@ -75,10 +75,13 @@ class OutboxItem(Struct, frozen=True, gc=False):
 
     def payload(self) -> Any:
         """The payload in its schema type (``schemas.v1.EVENT_TYPES[type]``):
-        ``decoded`` where this process made the item, else the body decoded."""
+        ``decoded`` where this process made the item, else the body decoded;
+        for an adapter's own follow-up (``gateway.adapter.Followup``, a type
+        that is no schema event type), the body as it is (bytes)."""
         if self.decoded is not None:
             return self.decoded
-        return _body_decoders[self.type].decode(self.body)
+        decoder = _body_decoders.get(self.type)
+        return self.body if decoder is None else decoder.decode(self.body)
 
 
 _body_decoders = {t: msgspec.msgpack.Decoder(cls) for t, cls in EVENT_TYPES.items()}
@@ -269,8 +272,12 @@ class Store(abc.ABC):
     async def outbox_counts(self) -> dict[PlatformName, int]: ...
 
     @abc.abstractmethod
-    async def complete(self, seqs: Sequence[int], mappings: Sequence[Mapping]) -> None:
-        """Delivered: remove these outbox rows and record the ids the targets created (as ids.COPY)."""
+    async def complete(self, seqs: Sequence[int], mappings: Sequence[Mapping],
+                       followups: Sequence[OutboxItem] = ()) -> list[OutboxItem]:
+        """Delivered: remove these outbox rows, record the ids the targets
+        created (as ids.COPY) and append ``followups`` (their ``seq`` ignored)
+        to the end of their target groups' queues, in order, all in one
+        transaction; returns the follow-ups as queued (with their ``seq``)."""
 
     @abc.abstractmethod
     async def natives(self, platform: PlatformName, grp: str, kind: str,

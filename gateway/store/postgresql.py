@@ -658,18 +658,21 @@ class PostgresStore(Store):
         rows = await self._submit(lambda tx: tx.fetch("SELECT platform, count(*) FROM outbox GROUP BY platform"))
         return {PlatformName(p): n for p, n in rows}
 
-    async def complete(self, seqs: Sequence[int], mappings: Sequence[Mapping]) -> None:
+    async def complete(self, seqs: Sequence[int], mappings: Sequence[Mapping],
+                       followups: Sequence[OutboxItem] = ()) -> list[OutboxItem]:
         rows = [s & SEQ_MASK for s in seqs]
         # One order on every node, so two nodes recording the same ids cannot deadlock.
         maps = sorted({(m.platform, m.grp, m.kind, m.native, m.canonical) for m in mappings})
 
-        def run(tx: PgTx) -> None:
+        def run(tx: PgTx) -> list[OutboxItem]:
             if rows:
                 tx.execute("DELETE FROM outbox WHERE seq = ANY($1::bigint[])", rows)
             if maps:
                 tx.executemany("INSERT INTO id_map (platform, grp, kind, native, canonical, sent)"
                                " VALUES ($1, $2, $3, $4, $5, 1) ON CONFLICT DO NOTHING", maps)
-        await self._submit(run)
+            return [msgspec.structs.replace(f, seq=tx.enqueue(f.target, f.event_id, f.type, f.origin, f.created,
+                                                              f.pending, f.body, f.occurred)) for f in followups]
+        return await self._submit(run)
 
     async def natives(self, platform: PlatformName, grp: str, kind: str,
                       canonicals: Sequence[str]) -> dict[str, tuple[NativeId, int]]:

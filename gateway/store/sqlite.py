@@ -443,14 +443,17 @@ class SqliteStore(Store):
             "SELECT platform, COUNT(*) FROM outbox GROUP BY platform").fetchall())
         return {PlatformName(p): n for p, n in rows}
 
-    async def complete(self, seqs: Sequence[int], mappings: Sequence[Mapping]) -> None:
-        def run(tx: SqliteTx) -> None:
+    async def complete(self, seqs: Sequence[int], mappings: Sequence[Mapping],
+                       followups: Sequence[OutboxItem] = ()) -> list[OutboxItem]:
+        def run(tx: SqliteTx) -> list[OutboxItem]:
             tx.c.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
             if mappings:
                 tx.c.executemany("INSERT OR IGNORE INTO id_map (platform, grp, kind, native, canonical, sent)"
                                  " VALUES (?, ?, ?, ?, ?, 1)",
                                  [(m.platform, m.grp, m.kind, m.native, m.canonical) for m in mappings])
-        await self._submit(run)
+            return [msgspec.structs.replace(f, seq=tx.enqueue(f.target, f.event_id, f.type, f.origin, f.created,
+                                                              f.pending, f.body, f.occurred)) for f in followups]
+        return await self._submit(run)
 
     async def natives(self, platform: PlatformName, grp: str, kind: str,
                       canonicals: Sequence[str]) -> dict[str, tuple[NativeId, int]]:
