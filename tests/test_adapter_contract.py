@@ -348,7 +348,7 @@ class MatrixHarness(Harness):
 
 class ActivityPubHarness(Harness):
     """The ActivityPub adapter's hosted group with one follower on another
-    server: what the group announces to it (the outbox items it queues), the
+    server: what the group announces to it (the deliveries it queues), the
     shared activity read back as that server would."""
 
     name = "activitypub"
@@ -380,22 +380,27 @@ class ActivityPubHarness(Harness):
         })
         queued: list[Any] = []
 
-        async def enqueue(items: Sequence[Any]) -> None:
-            queued.extend(items)
+        async def send_own(followups: Sequence[Any]) -> None:  # AdapterContext.send: the gateway's outbox
+            queued.extend(followups)
 
         async def actor(url: str) -> dict[str, Any]:  # every fediverse person is on social.example
             return {"id": url, "type": "Person", "inbox": url + "/inbox"}
 
-        adapter.queues.enqueue = enqueue  # type: ignore[method-assign]
+        adapter.ctx.send = send_own
         adapter.remote.actor = actor  # type: ignore[method-assign]
         adapter._queued = queued  # type: ignore[attr-defined]
         return adapter
 
     async def send(self, adapter: Adapter, d: Delivery) -> Sent:
+        """What reaches the follower's server: the deliveries the adapter hands
+        the gateway's outbox (its result's follow-ups and ``ctx.send``), one
+        signed POST each."""
+        from adapters.activitypub import outbound
         queued = adapter._queued  # type: ignore[attr-defined]
         before = len(queued)
         result = await adapter.deliver([d])
-        return Sent([orjson.loads(item.body) for item in queued[before:]], result)
+        posts = [*queued[before:], *result.followups]
+        return Sent([orjson.loads(outbound.decode_post(f.body).body) for f in posts], result)
 
     def decode(self, adapter: Adapter, native: Any) -> list[Inbound]:
         inner = native["object"] if native.get("type") == "Announce" else native

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import pytest
 
-from adapters.activitypub import delivery as D
+from adapters.activitypub import outbound as D
 from adapters.activitypub.adapter import ActivityPubAdapter
 from adapters.activitypub.config import ActivityPubConfig
 from gateway.adapter import AdapterContext, IngestResult, StoreState

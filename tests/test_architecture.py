@@ -37,12 +37,7 @@ KIT_IO = frozenset({"GuardedSession", "BodyReader", "TaskGroup", "AdapterState",
 """Kit names that move bytes or touch state: never in a pure module."""
 ROLES = ("adapter.py", "config.py", "decode.py", "encode.py", "inbound.py", "outbound.py")
 OTHER_ROLES = ("server.py", "client.py", "appservice.py", "delivery.py")
-PENDING = {
-    "adapters/activitypub/delivery.py": "its own outbox and retries; part 'outbox' (issue 12) replaces it and its "
-                                        "imports with the core's outbox",
-    "adapters/activitypub/outbound.py": "deliver() stays in adapter.py until part 'outbox' (issue 12) has rewritten "
-                                        "it; then the sending moves to outbound.py",
-}
+PENDING: dict[str, str] = {}
 """Known, dated exceptions to the rules below, each with why and what ends it
 (``test_pending_exceptions_are_still_needed`` fails once one is no longer needed)."""
 

@@ -5,7 +5,7 @@ to post, and shows the people of other platforms as ``Person`` actors.
 Pieces: ``inbound`` (the inbox: checks, routing, decoding, storing),
 ``documents`` (the actor, WebFinger and NodeInfo documents served),
 ``signatures`` (HTTP signatures), ``remote`` (fetching documents with origin
-checks), ``decode``/``encode`` (pure translation), ``delivery`` (the
+checks), ``decode``/``encode`` (pure translation), ``outbound`` (the
 per-host follow-up deliveries it hands the gateway's outbox). This module
 wires them and sends: ``deliver`` (the core's
 events into hosted and joined groups), a group's ``Announce`` of what it
@@ -35,7 +35,7 @@ from prometheus_client.core import CounterMetricFamily
 from adapters.activitypub import decode as dec
 from adapters.activitypub import encode as enc
 from adapters.activitypub import signatures as sig
-from adapters.activitypub import delivery
+from adapters.activitypub import outbound
 from adapters.activitypub.config import ActivityPubConfig
 from adapters.activitypub.documents import AP_JSON, VERSION, Documents
 from adapters.activitypub.inbound import Inbox, Refused
@@ -136,7 +136,7 @@ class ActivityPubAdapter(Adapter):
         assert self._key is not None
         return sig.sign_cavage(method, url, headers, body, self.urls.key_id(self.urls.instance), self._key, time.time())
 
-    async def _post(self, post: delivery.Post) -> tuple[int, float | None]:
+    async def _post(self, post: outbound.Post) -> tuple[int, float | None]:
         """POST one activity, signed by its actor: the status and ``Retry-After`` (seconds) if any."""
         assert self._key is not None
         key_id = self.urls.key_id(post.actor)
@@ -153,7 +153,7 @@ class ActivityPubAdapter(Adapter):
     async def _send_post(self, d: Delivery) -> None:
         """Deliver one queued ``activitypub.post`` (a target ``inbox:<host>``);
         raise as the core's retry needs: permanent for an unsalvageable answer."""
-        post = delivery.decode_post(d.payload)
+        post = outbound.decode_post(d.payload)
         try:
             status, retry_after = await self._post(post)
         except FetchError as exc:
@@ -202,7 +202,7 @@ class ActivityPubAdapter(Adapter):
         accept_doc = enc.activity(kind, self.urls.activity(hashlib.sha256(follow["id"].encode()).hexdigest()[:32],
                                                            "#" + kind.lower()), group,
                                   {"id": follow["id"], "type": "Follow", "actor": actor, "object": group}, to=[actor])
-        await self._send(delivery.posts_for(accept_doc["id"], [inbox or shared or actor], group,
+        await self._send(outbound.posts_for(accept_doc["id"], [inbox or shared or actor], group,
                                             orjson.dumps(accept_doc)))
 
     async def _follower_inboxes(self, name: str, exclude: str | None = None) -> list[str]:
@@ -234,17 +234,17 @@ class ActivityPubAdapter(Adapter):
         body = orjson.dumps(enc.announce(self.urls, name, inner, announce_id))
         inboxes = await self._follower_inboxes(name, exclude)
         inboxes += [i for i in also if i not in inboxes]
-        return delivery.posts_for(announce_id, inboxes, self.urls.group(name), body)
+        return outbound.posts_for(announce_id, inboxes, self.urls.group(name), body)
 
     # -- deliver (the core's events into hosted groups) -------------------------------------------------------
     async def deliver(self, batch: Sequence[Delivery]) -> DeliveryResult:
         """A group's events become deliveries to inboxes, one queue per server
-        (``delivery``), that the core queues with the group's completion; a
+        (``outbound``), that the core queues with the group's completion; a
         server's queue (``inbox:<host>``) comes back here to be posted."""
         ids: dict[str, str] = {}
         followups: list[Followup] = []
         for d in batch:
-            if d.type == delivery.POST:
+            if d.type == outbound.POST:
                 await self._send_post(d)
                 continue
             got, more = await self._deliver(d)
@@ -348,7 +348,7 @@ class ActivityPubAdapter(Adapter):
         follow_id = self.urls.activity(hashlib.sha256(f"join|{url}".encode()).hexdigest()[:32], "#follow")
         follow = enc.activity("Follow", follow_id, self.urls.instance, url, to=[url])
         await self.ctx.state.put({f"joined:{url}": orjson.dumps({"follow": follow_id, "state": "pending"})})
-        await self._send(delivery.posts_for(follow_id, [str(group["inbox"])], self.urls.instance, orjson.dumps(follow)))
+        await self._send(outbound.posts_for(follow_id, [str(group["inbox"])], self.urls.instance, orjson.dumps(follow)))
 
     async def _remote_inbox(self, url: str) -> str:
         try:
@@ -366,7 +366,7 @@ class ActivityPubAdapter(Adapter):
         follow_id = self.urls.activity(hashlib.sha256(f"{group_url}|{person}".encode()).hexdigest()[:32], "#follow")
         await self.ctx.state.put({key: b"pending"})
         follow = enc.activity("Follow", follow_id, person, group_url, to=[group_url])
-        return delivery.posts_for(follow_id, [await self._remote_inbox(group_url)], person, orjson.dumps(follow))
+        return outbound.posts_for(follow_id, [await self._remote_inbox(group_url)], person, orjson.dumps(follow))
 
     async def _deliver_remote(self, d: Delivery) -> tuple[dict[str, str], list[Followup]]:
         """Into a remote group: the person's own activity, for the group's
@@ -390,7 +390,7 @@ class ActivityPubAdapter(Adapter):
                                to=note["to"], cc=note["cc"], audience=group_url)
             await self.ctx.state.put({f"note:{note_key}": orjson.dumps({"group": group_url, "doc": note}),
                                       f"act:{d.event_id}": orjson.dumps(act)})
-            posts += delivery.posts_for(d.event_id, [inbox], author, orjson.dumps(act))
+            posts += outbound.posts_for(d.event_id, [inbox], author, orjson.dumps(act))
             if not edited:
                 result[p.id] = note["id"]
         elif isinstance(p, MessageDeletion) and self.urls.owns(p.id):
@@ -398,7 +398,7 @@ class ActivityPubAdapter(Adapter):
             author = rec["author"] if rec else self.urls.instance
             act = enc.activity("Delete", self.urls.activity(d.event_id), author, enc.tombstone(p.id),
                                to=[enc.PUBLIC, group_url], audience=group_url)
-            posts += delivery.posts_for(d.event_id, [inbox], author, orjson.dumps(act))
+            posts += outbound.posts_for(d.event_id, [inbox], author, orjson.dumps(act))
         elif isinstance(p, Reaction):
             await self._remember_person(p.author, group_url)
             author = enc.person_url(self.urls, p.author)
@@ -410,7 +410,7 @@ class ActivityPubAdapter(Adapter):
                                 **({"content": p.key} if kind == "EmojiReact" else {}))
             act = (enc.activity("Undo", self.urls.activity(d.event_id), author, like, to=[group_url])
                    if d.type == "civic.reaction.removed" else {"@context": enc.CONTEXT, **like})
-            posts += delivery.posts_for(d.event_id, [inbox], author, orjson.dumps(act))
+            posts += outbound.posts_for(d.event_id, [inbox], author, orjson.dumps(act))
         elif isinstance(p, Report):
             posts += await self._flag(d, p)
         else:  # moderation in a group the gateway only belongs to is the group's own moderators' business
@@ -438,7 +438,7 @@ class ActivityPubAdapter(Adapter):
                 inboxes = await self._inboxes_of(rec["author"])
         act = enc.activity("Flag", self.urls.activity(d.event_id), self.urls.instance, objects,
                            content=(r.category.replace("_", " ") + (f": {r.text}" if r.text else "")))
-        return delivery.posts_for(d.event_id, inboxes, self.urls.instance, orjson.dumps(act))
+        return outbound.posts_for(d.event_id, inboxes, self.urls.instance, orjson.dumps(act))
 
     async def _remember_person(self, actor: Actor, group: str | None = None) -> None:
         """Keep what the ``Person`` document of a person from elsewhere shows (their
@@ -472,8 +472,8 @@ class _Collector:
         out = CounterMetricFamily("civic_activitypub_deliveries", "Deliveries to inboxes, by outcome.",
                                   labels=["platform", "outcome"])
         for a in list(self.adapters):
-            received.add_metric([a.name], a.received)
-            for reason, n in sorted(a.refused.items()):
+            received.add_metric([a.name], a.inbox.received)
+            for reason, n in sorted(a.inbox.refused.items()):
                 refused.add_metric([a.name, reason], n)
             c = a.counts
             for outcome in ("delivered", "retried", "dropped"):
