@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 import msgspec
+from msgspec.structs import replace
 
 from gateway.adapter import Adapter, Delivery, Followup
 from gateway.errors import PermanentDeliveryError, TransientDeliveryError, UnencodableEvent
