@@ -92,7 +92,9 @@ class ActivityPubAdapter(Adapter):
         super().__init__(ctx)
         self.config: ActivityPubConfig = ctx.config
         self.urls = enc.Urls(self.config.base_url)
-        self._caps = Capabilities(batch_max=20)
+        # No threads: ActivityPub has only ``inReplyTo``; the core turns a thread
+        # into what a message replies to (and this adapter does the same).
+        self._caps = Capabilities(batch_max=20, threads=False)
         self.session = GuardedSession(allow_private=self.config.allow_private_addresses, timeout=self.config.timeout,
                                       user_agent=f"civic-gateway/{VERSION} (+{self.config.base_url})")
         self.remote = Remote(self.session, self._sign_get, max_body=self.config.max_body,
@@ -259,7 +261,8 @@ class ActivityPubAdapter(Adapter):
         if isinstance(p, Message):
             await self._remember_person(p.author, d.group)
             author = enc.person_url(self.urls, p.author)
-            reply = p.reply_to if p.reply_to and p.reply_to.startswith(("http://", "https://")) else None
+            parent = p.reply_to or p.thread
+            reply = parent if parent and parent.startswith(("http://", "https://")) else None
             edited = d.type == "civic.message.edited"
             note_key = p.id
             if edited:
@@ -383,7 +386,8 @@ class ActivityPubAdapter(Adapter):
             note_key = unquote(p.id.rsplit("/", 1)[1]) if edited and self.urls.owns(p.id) else p.id
             if edited and not self.urls.owns(p.id):
                 raise PermanentDeliveryError(f"edit of {p.id}, which the gateway did not post")
-            reply = p.reply_to if p.reply_to and p.reply_to.startswith(("http://", "https://")) else None
+            parent = p.reply_to or p.thread
+            reply = parent if parent and parent.startswith(("http://", "https://")) else None
             note = enc.note(self.urls, _with_id(p, note_key), group_id=group_url, published=now_iso(d.time),
                             reply_to=reply, updated=now_iso() if edited else None)
             act = enc.activity("Update" if edited else "Create", self.urls.activity(d.event_id), author, note,
