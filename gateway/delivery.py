@@ -21,6 +21,10 @@ The wait between attempts is what keeps a failing target from being hammered
 (one attempt in flight per group, then a growing pause): for fediverse
 servers, each one a target group ``inbox:<host>``, it plays the part of a
 circuit breaker.
+
+Where it is: ``delivery_queue`` (one group's queue, ``GroupQueue``) and
+``delivery_records`` (recording completions, follow-up rows, dead-letter
+reasons); this module holds the engine and its per-group worker.
 """
 
 from __future__ import annotations
@@ -36,95 +40,26 @@ import msgspec
 from msgspec.structs import replace
 
 from gateway.adapter import Adapter, Delivery, Followup
-from gateway.errors import PermanentDeliveryError, TransientDeliveryError, UnencodableEvent
+from gateway.delivery_queue import MAX_IN_MEMORY, GroupQueue
+from gateway.delivery_records import COMPLETION_RETRY, Completions, followup_row, permanent_reason
+from gateway.errors import PermanentDeliveryError, TransientDeliveryError
 from gateway.idmap import Completion
 from gateway.ids import GroupRef, NativeId, PlatformName
 from gateway.metrics import Metrics
 from gateway.retry import DEFAULT, RetrySchedule
-from gateway.store.base import Mapping, OutboxItem, Store, StoreUnavailable
+from gateway.store.base import OutboxItem, Store, StoreUnavailable
 from gateway.tasks import TaskGroup
 
 log = logging.getLogger("civic.delivery")
 
-MAX_IN_MEMORY = 2000
-COMPLETION_RETRY = 1.0
-"""Seconds between tries to record completed deliveries while the store is unavailable."""
+__all__ = ["COMPLETION_RETRY", "MAX_IN_MEMORY", "RETRY_WARN_AFTER", "UNENCODABLE", "DeliveryEngine"]
+
 RETRY_WARN_AFTER = 5
 """Failed attempts of one batch logged at INFO; from this many on, at WARNING."""
 UNENCODABLE = (ValueError, OverflowError, TypeError, msgspec.MsgspecError)
 """What an encoder raises for an event it cannot write (a time out of range, a
 stored payload that no longer decodes): the same every time, so not retried.
 (ValueError covers UnicodeError and msgspec's DecodeError.)"""
-
-
-class _Queue:
-    __slots__ = ("target", "items", "overflow", "reloading", "side", "done_seq", "running", "rewake", "released")
-
-    def __init__(self, target: GroupRef) -> None:
-        self.target = target
-        self.items: deque[OutboxItem] = deque()
-        self.overflow = False  # more rows wait in the store than are held here
-        self.reloading = False
-        self.side: list[OutboxItem] = []
-        self.done_seq = 0  # highest seq taken off this queue
-        self.running = False
-        self.rewake = False  # woken while a page was being read: read again
-        self.released = False  # this node no longer owns the group (cluster)
-
-
-class _Completions:
-    """Collects finished deliveries and records them in as few store calls as possible."""
-
-    def __init__(self, store: Store, tasks: TaskGroup, queued: Callable[[Sequence[OutboxItem]], None]) -> None:
-        self.store = store
-        self.tasks = tasks
-        self.queued = queued
-        self.seqs: list[int] = []
-        self.maps: list[Mapping] = []
-        self.followups: list[OutboxItem] = []
-        self.flushing = False
-        self.stopping = False
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    def add(self, seqs: Sequence[int], maps: Sequence[Mapping], followups: Sequence[OutboxItem] = ()) -> None:
-        self.seqs.extend(seqs)
-        self.maps.extend(maps)
-        self.followups.extend(followups)
-        if not self.flushing:
-            self.flushing = True
-            self.idle.clear()
-            self.tasks.spawn(self._flush(), "delivery-completions")
-
-    async def _flush(self) -> None:
-        try:
-            while self.seqs or self.maps or self.followups:
-                seqs, maps, followups = self.seqs, self.maps, self.followups
-                self.seqs, self.maps, self.followups = [], [], []
-                try:
-                    queued = await self.store.complete(seqs, maps, followups)
-                except StoreUnavailable as exc:
-                    if self.stopping:
-                        log.warning("the store is unavailable: %d completed deliveries were not recorded and will "
-                                    "be sent again after the restart, with the same ids", len(seqs))
-                        break
-                    # The store is away (a PostgreSQL restart): keep the record
-                    # and try again, so that what was delivered is not sent twice.
-                    self.seqs, self.maps = seqs + self.seqs, maps + self.maps
-                    self.followups = followups + self.followups
-                    log.debug("recording %d completed deliveries waits for the store: %s", len(seqs), exc)
-                    await asyncio.sleep(COMPLETION_RETRY)
-                    continue
-                except Exception:
-                    # Nothing of it was recorded: the deliveries are made again
-                    # after a restart, and ask for their follow-ups again.
-                    log.exception("recording %d completed deliveries failed; they may be sent again", len(seqs))
-                    continue
-                if queued:
-                    self.queued(queued)
-        finally:
-            self.flushing = False
-            self.idle.set()
 
 
 class DeliveryEngine:
@@ -141,11 +76,11 @@ class DeliveryEngine:
         self.retry_max_delay = retry_max_delay
         self.retry_max_age = retry_max_age
         self.clock = clock
-        self._queues: dict[GroupRef, _Queue] = {}
+        self._queues: dict[GroupRef, GroupQueue] = {}
         self.hand_over: Callable[[Sequence[OutboxItem]], None] = self.submit
         """Where committed follow-ups go: ``submit`` alone; in a cluster the
         gateway sets its own ``hand_over`` (a wake-up to each group's owner)."""
-        self._completions = _Completions(store, tasks, lambda items: self.hand_over(items))
+        self._completions = Completions(store, tasks, lambda items: self.hand_over(items))
         self._ids = Completion(store)  # the id map's delivery-time half
         self._stopping = False
         self._wake = asyncio.Event()
@@ -180,7 +115,7 @@ class DeliveryEngine:
         """``AdapterContext.send``: queue an adapter's deliveries to its own
         platform's targets, durably, then hand them to delivery."""
         now = self.clock()
-        rows = [_followup_row(platform, f, now) for f in followups]
+        rows = [followup_row(platform, f, now) for f in followups]
         if not rows:
             return
 
@@ -206,13 +141,13 @@ class DeliveryEngine:
             q = self._queues.pop(target)
             q.released = True  # its worker records the batch in flight, then stops
 
-    def _queue(self, target: GroupRef) -> _Queue:
+    def _queue(self, target: GroupRef) -> GroupQueue:
         q = self._queues.get(target)
         if q is None:
-            q = self._queues[target] = _Queue(target)
+            q = self._queues[target] = GroupQueue(target)
         return q
 
-    def _kick(self, q: _Queue) -> None:
+    def _kick(self, q: GroupQueue) -> None:
         if not q.running and not self._stopping:
             q.running = True
             self.tasks.spawn(self._work(q), f"deliver {q.target}")
@@ -231,7 +166,7 @@ class DeliveryEngine:
         await self._completions.idle.wait()
 
     # -- the worker ------------------------------------------------------------------
-    async def _reload(self, q: _Queue) -> None:
+    async def _reload(self, q: GroupQueue) -> None:
         q.reloading = True
         try:
             page = await self.store.outbox_page(q.target, q.done_seq, MAX_IN_MEMORY)
@@ -245,7 +180,7 @@ class DeliveryEngine:
         if not q.overflow:
             q.items.extend(i for i in side if i.seq > last)
 
-    async def _work(self, q: _Queue) -> None:
+    async def _work(self, q: GroupQueue) -> None:
         adapter = self.adapters.get(q.target.platform)
         try:
             if adapter is None:
@@ -277,7 +212,7 @@ class DeliveryEngine:
                 try:
                     deliveries = await self._prepare(batch)
                     result = await adapter.deliver(deliveries)
-                    followups = [_followup_row(q.target.platform, f, self.clock()) for f in result.followups]
+                    followups = [followup_row(q.target.platform, f, self.clock()) for f in result.followups]
                 except TransientDeliveryError as exc:
                     attempts += 1
                     retry_n = n
@@ -299,7 +234,7 @@ class DeliveryEngine:
                     if n > 1:
                         isolate = n  # find the bad event: one by one
                         continue
-                    await self._dead(q, batch[0], _permanent_reason(exc, q.target), attempts + 1)
+                    await self._dead(q, batch[0], permanent_reason(exc, q.target), attempts + 1)
                     attempts = retry_n = 0
                     isolate = max(0, isolate - 1)
                     continue
@@ -335,7 +270,7 @@ class DeliveryEngine:
         except asyncio.TimeoutError:
             pass
 
-    def _delivered(self, q: _Queue, batch: list[OutboxItem], native_ids: dict[str, NativeId],
+    def _delivered(self, q: GroupQueue, batch: list[OutboxItem], native_ids: dict[str, NativeId],
                    followups: Sequence[OutboxItem] = ()) -> None:
         now = self.clock()
         platform = q.target.platform
@@ -352,7 +287,7 @@ class DeliveryEngine:
         for etype, n in types.items():
             self.metrics.events_out.labels(platform, etype).inc(n)
 
-    async def _dead(self, q: _Queue, item: OutboxItem, error: str, attempts: int) -> None:
+    async def _dead(self, q: GroupQueue, item: OutboxItem, error: str, attempts: int) -> None:
         try:
             await self.store.dead_letter(item, error, attempts, self.clock())
         except Exception as exc:  # e.g. the store is unreachable: the event stays queued and is tried again
@@ -376,20 +311,3 @@ class DeliveryEngine:
                          item.occurred if item.occurred is not None else item.created, item.origin)
                 for item, payload in zip(batch, payloads)]
 
-
-def _followup_row(platform: PlatformName, f: Followup, now: float) -> OutboxItem:
-    """The outbox row of an adapter's follow-up (its seq given by the store).
-    Its origin is the platform itself: the adapter made it."""
-    if not isinstance(f, Followup) or f.type.startswith("civic."):
-        raise TypeError(f"a follow-up must be a gateway.adapter.Followup of the adapter's own type, not {f!r:.200}")
-    return OutboxItem(seq=0, target=GroupRef(platform, f.group), event_id=f.event_id, type=f.type, origin=platform,
-                      created=now, pending=None, body=f.body)
-
-
-def _permanent_reason(exc: Exception, target: GroupRef) -> str:
-    """The dead letter's error: what the adapter said, or for an encoder's own
-    exception, that the event cannot be written for the target and why."""
-    if isinstance(exc, PermanentDeliveryError) and not isinstance(exc, UnencodableEvent):
-        return str(exc)
-    what = str(exc) if isinstance(exc, UnencodableEvent) else f"{type(exc).__name__}: {exc}"
-    return f"cannot be encoded for {target}: {what}"

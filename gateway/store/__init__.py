@@ -1,4 +1,16 @@
-"""Durable state behind one interface (``base.Store``); see ``open_store``."""
+"""Durable state behind one interface (``base.Store``); see ``open_store``.
+
+What is where: ``base`` (``Tx``, ``Store``, ``StoreUnavailable``; re-exports
+``records``: the stored records, state-key rules, schema guard), ``jobs`` (a
+job and settling its future). SQLite: ``sqlite`` (``SqliteStore``: opening,
+group commit, checkpoints), ``sqlite_tx``, ``sqlite_outbox`` (outbox and dead
+letters), ``sqlite_records`` (moderation log, bans, settings, adapter state,
+pruning), ``sqlite_files`` (migrations, file modes, backup). PostgreSQL:
+``postgresql`` (``PostgresStore``: opening, job queue, outage), ``pg_tx``
+(``PgTx``, packed outbox positions), ``pg_worker`` (worker threads,
+migrations), ``pg_outbox``, ``pg_records`` (as for SQLite, plus cluster
+leases). Each backend's module re-exports its public names.
+"""
 
 from __future__ import annotations
 
