@@ -35,6 +35,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import msgspec
 from msgspec.structs import replace
