@@ -35,7 +35,7 @@ from gateway.registry import PlatformCommand
 from gateway.retry import DEFAULT, MASTODON, RetrySchedule
 from gateway.sanitize import html_to_text
 from gateway.tasks import TaskGroup
-from gateway.translate import Decoded, Ignored, Item, schema_problem
+from gateway.decoded import Decoded, Ignored, Item, schema_problem
 
 T = TypeVar("T")
 
